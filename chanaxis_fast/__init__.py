@@ -1,0 +1,38 @@
+"""chanaxis_fast: two-axis channel statistics and pruning criteria for CNNs.
+
+The ops live in ``torch.ops.chanaxis_fast`` (C++ on the CPU, CUDA when compiled) with typed wrappers
+in :mod:`chanaxis_fast.ops` and float64 pure-PyTorch references in :mod:`chanaxis_fast.reference`.
+"""
+
+import torch
+
+from . import _C  # registers torch.ops.chanaxis_fast.*
+from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
+from . import ops, reference
+from .stats import ChannelStats, StatsFileError
+
+__version__ = "0.1.0"
+
+
+def build_info():
+    """What this build of the extension contains.
+
+    Returns a dict: ``cuda_kernels`` (bool, whether the CUDA kernels were compiled),
+    ``cuda_arch_list`` (the architectures they were compiled for), ``compiled_with_cuda`` (the CUDA
+    version of the build), ``torch`` / ``torch_cuda`` (the running torch and its CUDA version),
+    ``cuda_available`` (a GPU is usable now), ``cpu_capability`` and ``num_threads``.
+    """
+    info = dict(_C.build_flags())
+    info["cuda_arch_list"] = [a for a in info["cuda_arch_list"].split(";") if a]
+    info.update(
+        version=__version__,
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cuda_available=torch.cuda.is_available(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        num_threads=torch.get_num_threads(),
+    )
+    return info
+
+
+__all__ = ["ChannelStats", "StatsFileError", "build_info", "ops", "reference"]

@@ -1,0 +1,243 @@
+"""Streaming channel statistics: exact pairwise (Chan et al.) merging of per-batch moments."""
+
+import hashlib
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+_FORMAT = "chanaxis_fast.ChannelStats"
+_VERSION = 1
+
+
+class StatsFileError(ValueError):
+    """A statistics file that is truncated, corrupt, or written by another format version."""
+
+
+def _checksum(count: int, mean: Tensor, comoment: Tensor) -> str:
+    h = hashlib.sha256(str(count).encode())
+    for t in (mean, comoment):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ChannelStats:
+    """Running count, float64 means and centred co-moments of the rows ``[Y_1..Y_C, T]`` of a layer.
+
+    Batches are folded in with the pairwise update of Chan et al.::
+
+        n = n_a + n_b,  d = mean_b - mean_a,  mean = mean_a + d * n_b / n
+        M = M_a + M_b + d d^T * n_a n_b / n
+
+    so the result does not depend on how the data were split into batches or in which order
+    statistics were merged (to float64 rounding). Nothing but ``(n, mean, M)`` is kept: memory is
+    O(D^2) whatever the number of samples.
+
+    Args:
+        num_channels: C, if known in advance (needed only by :meth:`all_reduce` on a process that
+            may see no data); otherwise taken from the first update.
+        has_target: whether the rows carry a target column (the last one).
+        device: where the statistics live; by default the device of the first update.
+    """
+
+    def __init__(self, num_channels: Optional[int] = None, *, has_target: Optional[bool] = None,
+                 device=None):
+        self.count = 0
+        self.num_channels = num_channels
+        self.has_target = has_target
+        self.device = None if device is None else torch.device(device)
+        self.mean: Optional[Tensor] = None
+        self.comoment: Optional[Tensor] = None
+        if num_channels is not None and has_target is not None:
+            self._allocate(num_channels + int(has_target), self.device or torch.device("cpu"))
+
+    # ------------------------------------------------------------------ accumulation
+    @property
+    def dim(self) -> Optional[int]:
+        """D = C (+1 with a target): the size of the mean and co-moment."""
+        return None if self.num_channels is None or self.has_target is None else (
+            self.num_channels + int(self.has_target))
+
+    def _allocate(self, D, device):
+        self.device = device
+        self.mean = torch.zeros(D, dtype=torch.float64, device=device)
+        self.comoment = torch.zeros(D, D, dtype=torch.float64, device=device)
+
+    def update(self, x: Tensor, target: Optional[Tensor] = None, positions: Optional[Tensor] = None,
+               *, mode: Optional[str] = None, channel_dim: int = 1,
+               skip_nonfinite: bool = False) -> "ChannelStats":
+        """Fold in one batch; the arguments are those of :func:`chanaxis_fast.ops.channel_moments`."""
+        m = ops.channel_moments(x, target, positions, mode=mode, channel_dim=channel_dim,
+                                skip_nonfinite=skip_nonfinite)
+        C = m.mean.shape[0] - (target is not None)
+        self._fold(int(m.count), m.mean, m.comoment, C, target is not None, "update")
+        return self
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        """Fold in the statistics of another ChannelStats (e.g. from another data shard)."""
+        if not isinstance(other, ChannelStats):
+            raise TypeError(f"ChannelStats.merge: other must be a ChannelStats, got {type(other).__name__}")
+        if other.count:
+            self._fold(other.count, other.mean, other.comoment, other.num_channels,
+                       other.has_target, "merge")
+        return self
+
+    def _fold(self, n_b: int, mean_b: Tensor, M_b: Tensor, C: int, has_target: bool, op: str):
+        if self.num_channels is not None and self.num_channels != C:
+            raise ValueError(f"ChannelStats.{op}: these statistics have {self.num_channels} channels, "
+                             f"the new data has {C}")
+        if self.has_target is not None and self.has_target != has_target:
+            have = "have" if self.has_target else "do not have"
+            raise ValueError(f"ChannelStats.{op}: these statistics {have} a target column; every batch "
+                             f"must {'pass' if self.has_target else 'omit'} target")
+        self.num_channels, self.has_target = C, has_target
+        if n_b == 0:
+            return
+        if self.mean is None:
+            self._allocate(C + int(has_target), self.device or mean_b.device)
+        mean_b = mean_b.to(self.device, torch.float64)
+        M_b = M_b.to(self.device, torch.float64)
+        n_a = self.count
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.comoment = self.comoment + M_b + torch.outer(delta, delta) * (n_a * n_b / n)
+        self.count = n
+
+    def all_reduce(self, group=None) -> "ChannelStats":
+        """Combine the statistics of every process of ``group`` (torch.distributed), in place.
+
+        Exact: all-reduces n and n * mean, then every process adds n_k (mean_k - m)(mean_k - m)^T
+        to its co-moment about the common mean m and all-reduces that.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ChannelStats.all_reduce: torch.distributed is not initialised "
+                               "(call torch.distributed.init_process_group first)")
+        if self.mean is None:
+            raise RuntimeError("ChannelStats.all_reduce: this process has no statistics and does not "
+                               "know their shape; construct ChannelStats(num_channels=C, "
+                               "has_target=...) on every process")
+        n_k = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        sums = torch.cat([n_k, self.mean * self.count])
+        dist.all_reduce(sums, group=group)
+        n = int(round(sums[0].item()))
+        if n == 0:
+            return self
+        mean = sums[1:] / n
+        d = self.mean - mean
+        M = self.comoment + torch.outer(d, d) * self.count
+        dist.all_reduce(M, group=group)
+        self.count, self.mean, self.comoment = n, mean, M
+        return self
+
+    # ------------------------------------------------------------------ results
+    def _need(self, k: int, what: str):
+        if self.count < k:
+            raise ValueError(f"ChannelStats.{what}: needs at least {k} samples, has {self.count}")
+
+    def covariance(self) -> Tensor:
+        """Unbiased covariance ``M / (n - 1)``, float64 [D, D] (target last, when present)."""
+        self._need(2, "covariance")
+        return self.comoment / (self.count - 1)
+
+    def correlation(self) -> Tensor:
+        """Pearson correlation, float64 [D, D].
+
+        A constant column (variance 0) has correlation 0 with every other column and 1 with itself,
+        so the result is always a valid correlation matrix without NaN. Values are clipped to
+        [-1, 1] (rounding can put exact duplicates an ulp outside).
+        """
+        return correlation_from_covariance(self.covariance())
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        if self.mean is None:
+            raise ValueError("ChannelStats.state_dict: no statistics yet (no update and no shape)")
+        mean, comoment = self.mean.cpu(), self.comoment.cpu()
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "count": self.count,
+            "num_channels": self.num_channels,
+            "has_target": self.has_target,
+            "mean": mean,
+            "comoment": comoment,
+            "checksum": _checksum(self.count, mean, comoment),
+        }
+
+    def load_state_dict(self, state: dict) -> "ChannelStats":
+        _validate(state, "ChannelStats.load_state_dict")
+        self.count = int(state["count"])
+        self.num_channels = int(state["num_channels"])
+        self.has_target = bool(state["has_target"])
+        device = self.device or torch.device("cpu")
+        self._allocate(self.num_channels + int(self.has_target), device)
+        self.mean = state["mean"].to(device, torch.float64)
+        self.comoment = state["comoment"].to(device, torch.float64)
+        return self
+
+    def save(self, path) -> None:
+        """Write atomically (a temporary file renamed into place): an interrupted save never leaves
+        a truncated file behind nor destroys the previous one."""
+        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path, device=None) -> "ChannelStats":
+        """Read a file written by :meth:`save`; a truncated, corrupt or foreign file raises
+        :class:`StatsFileError`."""
+        return cls(device=device).load_state_dict(load_checked(path, "ChannelStats.load"))
+
+    def __repr__(self):
+        return (f"ChannelStats(count={self.count}, num_channels={self.num_channels}, "
+                f"has_target={self.has_target}, device={self.device})")
+
+
+def correlation_from_covariance(cov: Tensor) -> Tensor:
+    """Correlation of a covariance matrix; constant columns get 0 off the diagonal and 1 on it."""
+    var = cov.diagonal()
+    std = torch.where(var > 0, var.clamp_min(0).sqrt(), torch.zeros_like(var))
+    inv = torch.where(std > 0, 1.0 / std, torch.zeros_like(std))
+    corr = (cov * inv[:, None] * inv[None, :]).clamp(-1.0, 1.0)
+    corr.diagonal().fill_(1.0)
+    return corr
+
+
+def load_checked(path, who: str) -> dict:
+    """torch.load a statistics file, turning every way it can be unreadable into StatsFileError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, not a torch file, pickle of foreign objects, ...
+        raise StatsFileError(f"{who}: {os.fspath(path)!r} is not a readable chanaxis_fast statistics "
+                             f"file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    _validate(state, f"{who}({os.fspath(path)!r})")
+    return state
+
+
+def _validate(state, who: str):
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise StatsFileError(f"{who}: not a chanaxis_fast ChannelStats state (format "
+                             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    if state.get("version") != _VERSION:
+        raise StatsFileError(f"{who}: written by format version {state.get('version')}, this is "
+                             f"chanaxis_fast with version {_VERSION}; recompute the statistics")
+    try:
+        C, has_t, count = int(state["num_channels"]), bool(state["has_target"]), int(state["count"])
+        mean, comoment = state["mean"], state["comoment"]
+        D = C + int(has_t)
+        ok = (mean.shape == (D,) and comoment.shape == (D, D) and mean.dtype == torch.float64
+              and comoment.dtype == torch.float64 and count >= 0)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise StatsFileError(f"{who}: incomplete state ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise StatsFileError(f"{who}: inconsistent shapes or dtypes for {C} channels")
+    if state.get("checksum") != _checksum(count, mean, comoment):
+        raise StatsFileError(f"{who}: checksum mismatch, the statistics are corrupt")
