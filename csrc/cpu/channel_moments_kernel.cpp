@@ -1,10 +1,15 @@
 // channel_moments on the CPU.
 // PyTorch: z = rows(x) (+ target column); mean = z.mean(0); comoment = (z - mean).T @ (z - mean)
-// Algorithm: pass 1 sums every channel in float64 over tiles of rows (at::parallel_for over
-// blocks of channels; a tile's row offsets are computed once and reused by the block's channels,
-// so NCHW and channels-last inputs both stream through memory once); pass 2 writes centred
-// float64 chunks channel-major and accumulates the upper-triangle panels with MKL (see
-// channel_moments.h for the pipeline).
+// Algorithm (pipeline in channel_moments.h): pass 1 sums every channel in float64, pass 2 writes
+// centred float64 chunks channel-major, and MKL accumulates their upper-triangle panels. The
+// passes stream x once each, whatever its layout:
+//   planes   NCHW-like, every position: channel c of image n is one contiguous run of H*W values;
+//            tasks own channels.
+//   rows     channels-last / [N, C]: the C values of a row are contiguous; tasks own rows (sums)
+//            or tiles of rows (centring, a transpose through L1/L2).
+//   generic  any strides, sampled positions, masked rows: tiles of rows whose offsets are
+//            computed once and reused by a block of channels.
+// The target column (one value per image) is handled apart from the channels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,14 +20,44 @@
 namespace chanaxis {
 namespace {
 
-constexpr int64_t kTile = 256;        // rows whose offsets are computed together
-constexpr int64_t kChannelBlock = 16; // channels one task owns
+constexpr int64_t kTile = 256;         // rows of a generic tile
+constexpr int64_t kChannelBlock = 16;  // channels of a generic block
+constexpr int64_t kRowTile = 64;       // rows of a channels-last centring tile
 
-// Calls f(c0, c1, r0, r1, off, img) for every tile of rows [r0, r1) and block of channels
-// [c0, c1) of [0, D), with the tile's row offsets off[] and images img[]; blocks run in parallel.
+enum class Path { planes, rows, generic };
+
+Path choose_path(const RowLayout& L, bool masked) {
+  if (masked) return Path::generic;
+  if (!L.positions && L.rows_per_image > 1 && L.sW == 1 && (L.rows_per_image == L.W || L.sH == L.W))
+    return Path::planes;
+  if (L.sC == 1) return Path::rows;
+  return Path::generic;
+}
+
+// Sum of a contiguous run with four independent accumulators (no loop-carried dependency on one
+// float64 add chain); the order of additions is fixed, so results are reproducible.
+template <typename scalar_t>
+ChannelSum sum_run(const scalar_t* p, int64_t n) {
+  ChannelSum a = ChannelSum::empty(), b = a, c = a, d = a;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    a.add(static_cast<double>(p[i]));
+    b.add(static_cast<double>(p[i + 1]));
+    c.add(static_cast<double>(p[i + 2]));
+    d.add(static_cast<double>(p[i + 3]));
+  }
+  for (; i < n; ++i) a.add(static_cast<double>(p[i]));
+  a.combine(b);
+  c.combine(d);
+  a.combine(c);
+  return a;
+}
+
+// Calls f(c0, c1, r0, r1, off, img) for every tile of rows [r0, r1) and block of channels [c0, c1)
+// of [0, C), with the tile's row offsets off[] and images img[]; blocks run in parallel.
 template <class F>
-void for_each_tile(const RowLayout& L, int64_t D, int64_t row_begin, int64_t row_end, const F& f) {
-  const int64_t blocks = (D + kChannelBlock - 1) / kChannelBlock;
+void for_each_tile(const RowLayout& L, int64_t row_begin, int64_t row_end, const F& f) {
+  const int64_t blocks = (L.C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     int64_t off[kTile], img[kTile];
     for (int64_t r0 = row_begin; r0 < row_end; r0 += kTile) {
@@ -32,9 +67,100 @@ void for_each_tile(const RowLayout& L, int64_t D, int64_t row_begin, int64_t row
         img[r - r0] = L.image_of(r);
       }
       for (int64_t b = b0; b < b1; ++b)
-        f(b * kChannelBlock, std::min(D, (b + 1) * kChannelBlock), r0, r1, off, img);
+        f(b * kChannelBlock, std::min(L.C, (b + 1) * kChannelBlock), r0, r1, off, img);
     }
   });
+}
+
+template <typename scalar_t>
+void channel_sums(const scalar_t* x, const RowLayout& L, const uint8_t* keep,
+                  std::vector<ChannelSum>& out) {
+  const int64_t L_img = L.rows_per_image;
+  switch (choose_path(L, keep != nullptr)) {
+    case Path::planes:
+      at::parallel_for(0, L.C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          ChannelSum s = ChannelSum::empty();
+          for (int64_t n = 0; n < L.N; ++n) s.combine(sum_run(x + n * L.sN + c * L.sC, L_img));
+          out[c] = s;
+        }
+      });
+      return;
+    case Path::rows: {
+      // Fixed row ranges, each summed into its own partial and combined in order: deterministic.
+      const int64_t rows = L.rows();
+      const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(64, rows / 512));
+      std::vector<ChannelSum> partial(parts * L.C, ChannelSum::empty());
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          ChannelSum* acc = partial.data() + p * L.C;
+          for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+            const scalar_t* row = x + L.row_offset(r);
+            for (int64_t c = 0; c < L.C; ++c) acc[c].add(static_cast<double>(row[c]));
+          }
+        }
+      });
+      for (int64_t p = 0; p < parts; ++p)
+        for (int64_t c = 0; c < L.C; ++c) out[c].combine(partial[p * L.C + c]);
+      return;
+    }
+    case Path::generic:
+      for_each_tile(L, 0, L.rows(), [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1,
+                                        const int64_t* off, const int64_t*) {
+        for (int64_t c = c0; c < c1; ++c) {
+          ChannelSum s = out[c];
+          for (int64_t r = r0; r < r1; ++r)
+            if (!keep || keep[r]) s.add(static_cast<double>(x[off[r - r0] + c * L.sC]));
+          out[c] = s;
+        }
+      });
+      return;
+  }
+}
+
+template <typename scalar_t>
+void centre_channels(const scalar_t* x, const RowLayout& L, const uint8_t* keep, const double* mu,
+                     int64_t row0, int64_t k, double* z, int64_t ld) {
+  const int64_t row1 = row0 + k;
+  switch (choose_path(L, keep != nullptr)) {
+    case Path::planes: {
+      const int64_t P = L.rows_per_image;
+      at::parallel_for(0, L.C, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double* zc = z + c * ld - row0;
+          for (int64_t n = row0 / P; n * P < row1; ++n) {
+            const scalar_t* src = x + n * L.sN + c * L.sC;
+            const int64_t r0 = std::max(row0, n * P), r1 = std::min(row1, (n + 1) * P);
+            for (int64_t r = r0; r < r1; ++r) zc[r] = static_cast<double>(src[r - n * P]) - mu[c];
+          }
+        }
+      });
+      return;
+    }
+    case Path::rows:
+      at::parallel_for(0, (k + kRowTile - 1) / kRowTile, 1, [&](int64_t t0, int64_t t1) {
+        const scalar_t* src[kRowTile];
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = row0 + t * kRowTile, r1 = std::min(row1, r0 + kRowTile);
+          for (int64_t r = r0; r < r1; ++r) src[r - r0] = x + L.row_offset(r);
+          for (int64_t c = 0; c < L.C; ++c) {
+            double* zc = z + c * ld - row0;
+            for (int64_t r = r0; r < r1; ++r) zc[r] = static_cast<double>(src[r - r0][c]) - mu[c];
+          }
+        }
+      });
+      return;
+    case Path::generic:
+      for_each_tile(L, row0, row1, [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1,
+                                       const int64_t* off, const int64_t*) {
+        for (int64_t c = c0; c < c1; ++c) {
+          double* zc = z + c * ld - row0;
+          for (int64_t r = r0; r < r1; ++r)
+            zc[r] = centred(static_cast<double>(x[off[r - r0] + c * L.sC]), mu[c], !keep || keep[r]);
+        }
+      });
+      return;
+  }
 }
 
 struct CpuBackend {
@@ -61,21 +187,16 @@ struct CpuBackend {
 
   static std::vector<ChannelSum> sums(const at::Tensor& x, const RowLayout& L,
                                       const at::Tensor& t, const at::Tensor& mask) {
-    const int64_t D = L.C + (t.defined() ? 1 : 0);
-    std::vector<ChannelSum> out(D, ChannelSum::empty());
+    std::vector<ChannelSum> out(L.C + (t.defined() ? 1 : 0), ChannelSum::empty());
     const uint8_t* keep = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_moments_cpu", [&] {
-      const auto read = make_row_reader<scalar_t>(x, L, t);
-      for_each_tile(L, D, 0, L.rows(), [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1,
-                                           const int64_t* off, const int64_t* img) {
-        for (int64_t c = c0; c < c1; ++c) {
-          ChannelSum s = out[c];
-          for (int64_t r = r0; r < r1; ++r)
-            if (!keep || keep[r]) s.add(read(c, off[r - r0], img[r - r0]));
-          out[c] = s;
-        }
-      });
+      channel_sums(x.const_data_ptr<scalar_t>(), L, keep, out);
     });
+    if (t.defined()) {
+      const double* tv = t.const_data_ptr<double>();
+      for (int64_t r = 0; r < L.rows(); ++r)
+        if (!keep || keep[r]) out[L.C].add(tv[L.image_of(r)]);
+    }
     return out;
   }
 
@@ -100,21 +221,19 @@ struct CpuBackend {
   static void centre(const at::Tensor& x, const RowLayout& L, const at::Tensor& t,
                      const at::Tensor& mask, const at::Tensor& mean, int64_t row0,
                      const at::Tensor& zt) {
-    const int64_t D = zt.size(0), k = zt.size(1), ld = zt.stride(0);
+    const int64_t k = zt.size(1), ld = zt.stride(0);
     const uint8_t* keep = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
     const double* mu = mean.const_data_ptr<double>();
     double* z = zt.data_ptr<double>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_moments_cpu", [&] {
-      const auto read = make_row_reader<scalar_t>(x, L, t);
-      for_each_tile(L, D, row0, row0 + k, [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1,
-                                               const int64_t* off, const int64_t* img) {
-        for (int64_t c = c0; c < c1; ++c) {
-          double* zc = z + c * ld - row0;
-          for (int64_t r = r0; r < r1; ++r)
-            zc[r] = centred(read(c, off[r - r0], img[r - r0]), mu[c], !keep || keep[r]);
-        }
-      });
+      centre_channels(x.const_data_ptr<scalar_t>(), L, keep, mu, row0, k, z, ld);
     });
+    if (t.defined()) {
+      const double* tv = t.const_data_ptr<double>();
+      double* zt_row = z + L.C * ld - row0;
+      for (int64_t r = row0; r < row0 + k; ++r)
+        zt_row[r] = centred(tv[L.image_of(r)], mu[L.C], !keep || keep[r]);
+    }
   }
 };
 

@@ -1,0 +1,81 @@
+"""channel_moments against the best pure-PyTorch ways of computing the same statistics.
+
+  float64 ref : permute + reshape (+ gather) to rows, .double(), centre, Z^T Z     (float64-accurate)
+  cov fp32    : torch.cov of the float32 rows                                      (float32-accurate)
+  ours        : torch.ops.chanaxis_fast.channel_moments                            (float64-accurate)
+
+GFLOP/s counts 2 flops for each of the n * C (C + 1) / 2 useful multiply-adds (the symmetric
+product). "err" is the largest error of the covariance relative to its largest entry, against the
+float64 reference. Run: python benchmarks/bench_channel_moments.py [--quick]
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import chanaxis_fast  # noqa: E402
+from common import ms, print_table, timeit  # noqa: E402
+
+
+def rows_of(x, positions=None):
+    N, C, H, W = x.shape
+    flat = x.reshape(N, C, H * W)
+    if positions is not None:
+        flat = flat.gather(2, positions[:, None, :].expand(N, C, positions.shape[1]))
+    return flat.permute(0, 2, 1).reshape(-1, C)
+
+
+def float64_reference(x, positions=None):
+    z = rows_of(x, positions).double()
+    z = z - z.mean(0)
+    return z.T @ z / (z.shape[0] - 1)
+
+
+def cov_float32(x, positions=None):
+    return torch.cov(rows_of(x, positions).T)
+
+
+def ours(x, positions=None):
+    m = chanaxis_fast.ops.channel_moments(x, positions=positions)
+    return m.comoment / (m.count - 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    repeat = 3 if args.quick else 7
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        ("all 128x64x32x32", torch.randn(128, 64, 32, 32, generator=g), None),
+        ("all 128x256x8x8", torch.randn(128, 256, 8, 8, generator=g), None),
+        ("all 128x512x4x4", torch.randn(128, 512, 4, 4, generator=g), None),
+        ("80k sampled rows, C=512", torch.randn(5000, 512, 4, 4, generator=g),
+         torch.randint(0, 16, (5000, 16), generator=g)),
+    ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{torch.backends.cpu.get_cpu_capability()}, input float32 on the CPU")
+    rows = []
+    for name, x, pos in cases:
+        C = x.shape[1]
+        n = x.shape[0] * (x.shape[2] * x.shape[3] if pos is None else pos.shape[1])
+        flops = n * C * (C + 1)
+        truth = float64_reference(x, pos)
+        scale = truth.abs().max()
+        t_ref = timeit(lambda: float64_reference(x, pos), repeat=repeat)
+        t_cov = timeit(lambda: cov_float32(x, pos), repeat=repeat)
+        t_ours = timeit(lambda: ours(x, pos), repeat=repeat)
+        err_cov = ((cov_float32(x, pos).double() - truth).abs().max() / scale).item()
+        err_ours = ((ours(x, pos) - truth).abs().max() / scale).item()
+        rows.append([name, n, ms(t_ref), ms(t_cov), ms(t_ours), f"{t_ref / t_ours:.2f}x",
+                     f"{t_cov / t_ours:.2f}x", f"{flops / t_ours / 1e9:.1f}",
+                     f"{err_cov:.1e}", f"{err_ours:.1e}"])
+    print_table(["case", "rows n", "float64 ref", "cov fp32", "ours", "vs ref", "vs cov",
+                 "ours GFLOP/s", "err cov", "err ours"], rows)
+
+
+if __name__ == "__main__":
+    main()
