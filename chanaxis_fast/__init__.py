@@ -9,6 +9,9 @@ import torch
 from . import _C  # registers torch.ops.chanaxis_fast.*
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops, reference
+from .graph import ModelGraph, trace_model
+from .metrics import (MissingInputError, Scores, available_metrics, register_metric,
+                      score)
 from .stats import ChannelStats, StatsFileError
 
 __version__ = "0.1.0"
@@ -35,4 +38,6 @@ def build_info():
     return info
 
 
-__all__ = ["ChannelStats", "StatsFileError", "build_info", "ops", "reference"]
+__all__ = ["ChannelStats", "MissingInputError", "ModelGraph", "Scores", "StatsFileError",
+           "available_metrics", "build_info", "ops", "reference", "register_metric", "score",
+           "trace_model"]

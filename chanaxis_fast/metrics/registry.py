@@ -1,0 +1,262 @@
+"""The metric registry, the context metrics read from, the Scores container, and score().
+
+A metric is a function ``fn(ctx, layer, **params) -> Tensor[C]`` (one score per output channel of
+``layer``; higher = keep) registered under a name::
+
+    @chanaxis_fast.register_metric("my_metric", needs=("stats",))
+    def my_metric(ctx, layer, scale=1.0):
+        return scale * ctx.stats(layer).covariance().diagonal()[: ctx.num_channels(layer)]
+
+A *summary* metric returns one float per layer instead (e.g. the S3/S2 ratio). Metric specs are
+strings with optional parameters, ``"magnitude(p=1, normalizer='lamp')"``; a spec's label (its
+column in the results) is the string itself, normalised.
+"""
+
+import ast
+import dataclasses
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..graph import ModelGraph
+
+
+class MissingInputError(ValueError):
+    """A metric needs something the calibration did not gather (e.g. taylor without gradients)."""
+
+
+@dataclasses.dataclass
+class MetricSpec:
+    name: str
+    fn: Callable
+    needs: Tuple[str, ...]   # what the calibration must hold: "stats", "target", "patches", "grads", "hrank", "chip", "bn"
+    kind: str                # "local", "target", "composite", "baseline" or "custom"
+    summary: bool            # one float per layer instead of one score per channel
+    doc: str
+
+
+_REGISTRY: Dict[str, MetricSpec] = {}
+
+
+def register_metric(name: str, *, needs: Sequence[str] = (), kind: str = "custom",
+                    summary: bool = False, replace: bool = False):
+    """Decorator registering ``fn(ctx, layer, **params)`` as metric ``name``."""
+    if not name.isidentifier():
+        raise ValueError(f"register_metric: name must be an identifier, got {name!r}")
+
+    def deco(fn):
+        if name in _REGISTRY and not replace:
+            raise ValueError(f"register_metric: a metric named {name!r} exists already "
+                             f"(pass replace=True to override it)")
+        _REGISTRY[name] = MetricSpec(name, fn, tuple(needs), kind, summary,
+                                     (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def available_metrics(kind: Optional[str] = None) -> List[str]:
+    """Names of the registered metrics (of one kind, if given), sorted."""
+    return sorted(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
+
+
+def get_metric(name: str) -> MetricSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown metric {name!r}; available: {', '.join(available_metrics())}")
+    return _REGISTRY[name]
+
+
+def parse_metric(spec: str) -> Tuple[str, dict, str]:
+    """``"name(a=1, b='x')"`` -> (name, {"a": 1, "b": "x"}, canonical label)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"metric spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    try:
+        call = ast.parse(spec, mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"cannot parse metric spec {spec!r}; write name or name(key=value, ...)") from None
+    if isinstance(call, ast.Name):
+        return call.id, {}, call.id
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args):
+        raise ValueError(f"cannot parse metric spec {spec!r}; write name or name(key=value, ...)")
+    try:
+        params = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except ValueError:
+        raise ValueError(f"metric spec {spec!r}: parameter values must be literals") from None
+    label = call.func.id + "(" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")"
+    return call.func.id, params, label
+
+
+class MetricContext:
+    """What a metric may read: the model, the traced graph, the calibration, shared caches.
+
+    Built by :func:`score`; tests of weight-only metrics may build one without a calibration.
+    """
+
+    def __init__(self, model: nn.Module, graph: ModelGraph, calibration=None, options=None):
+        self.model = model
+        self.graph = graph
+        self.calibration = calibration
+        self.options = dict(options or {})
+        self.cache: Dict[object, object] = {}
+        self._modules = dict(model.named_modules())
+
+    def module(self, name: str) -> nn.Module:
+        if name not in self._modules:
+            raise KeyError(f"the model has no module named {name!r}")
+        return self._modules[name]
+
+    def weight(self, layer: str) -> Tensor:
+        """The layer's weight, detached, float64, on the CPU: [C_out, C_in/groups, kh, kw] or [C_out, C_in]."""
+        return self.module(layer).weight.detach().to("cpu", torch.float64)
+
+    def num_channels(self, layer: str) -> int:
+        return self.graph.layers[layer].out_channels
+
+    def bn(self, layer: str, metric: str = "") -> nn.Module:
+        """The BatchNorm after ``layer``, or MissingInputError."""
+        name = self.graph.layers[layer].bn
+        if name is None:
+            raise MissingInputError(f"metric {metric!r}: layer {layer!r} has no BatchNorm after it")
+        return self.module(name)
+
+    def _need_calibration(self, metric, what):
+        if self.calibration is None:
+            raise MissingInputError(f"metric {metric!r} needs {what} from a calibration; "
+                                    f"call chanaxis_fast.calibrate(model, loader) first")
+        return self.calibration
+
+    def stats(self, layer: str, metric: str = ""):
+        """The layer's ChannelStats (rows [Y_1..Y_C, T] at the calibration's read-out point)."""
+        cal = self._need_calibration(metric, "channel statistics")
+        if layer not in cal.stats:
+            raise MissingInputError(f"metric {metric!r}: the calibration has no statistics for layer "
+                                    f"{layer!r}; calibrated layers: {', '.join(cal.stats)}")
+        return cal.stats[layer]
+
+    def cached(self, key, compute: Callable):
+        """compute() once per context for ``key``: shared intermediate results between metrics."""
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+
+class Scores:
+    """Per-layer, per-metric channel scores (and per-layer summaries) from :func:`score`.
+
+    ``scores["l1"]`` -> {layer: Tensor[C]}; ``scores.layer(name)`` -> {metric: Tensor[C]};
+    ``scores.summaries`` -> {metric: {layer: float}}.
+    """
+
+    def __init__(self, layers: List[str], values: Dict[str, Dict[str, Tensor]],
+                 summaries: Dict[str, Dict[str, float]]):
+        self.layers = list(layers)
+        self.values = values
+        self.summaries = summaries
+
+    @property
+    def metrics(self) -> List[str]:
+        return list(self.values)
+
+    def __getitem__(self, metric: str) -> Dict[str, Tensor]:
+        if metric not in self.values:
+            raise KeyError(f"no per-channel scores for {metric!r}; have: {', '.join(self.values)}")
+        return self.values[metric]
+
+    def __contains__(self, metric: str) -> bool:
+        return metric in self.values or metric in self.summaries
+
+    def layer(self, name: str) -> Dict[str, Tensor]:
+        return {m: v[name] for m, v in self.values.items() if name in v}
+
+    def to_pandas(self):
+        """Long table: one row per (layer, channel), one column per metric."""
+        import pandas as pd
+
+        frames = []
+        for layer in self.layers:
+            cols = self.layer(layer)
+            if not cols:
+                continue
+            C = len(next(iter(cols.values())))
+            data = {"layer": [layer] * C, "channel": list(range(C))}
+            data.update({m: v.detach().cpu().double().numpy() for m, v in cols.items()})
+            frames.append(pd.DataFrame(data))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["layer", "channel"])
+
+    def summaries_to_pandas(self):
+        """One row per layer, one column per summary metric."""
+        import pandas as pd
+
+        return pd.DataFrame({m: pd.Series(v) for m, v in self.summaries.items()}).reindex(self.layers)
+
+    def to_csv(self, path, **kwargs):
+        """Write :meth:`to_pandas` to ``path``; returns the path."""
+        self.to_pandas().to_csv(path, index=False, **kwargs)
+        return path
+
+    def __repr__(self):
+        return f"Scores({len(self.layers)} layers, metrics={self.metrics + list(self.summaries)})"
+
+
+def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]] = ("l1",), *,
+          layers: Optional[Sequence[str]] = None, graph: Optional[ModelGraph] = None,
+          **options) -> Scores:
+    """Score every channel of the calibrated layers with each metric.
+
+    Args:
+        model: the model the calibration was computed on (weights are read from it).
+        calibration: a :class:`~chanaxis_fast.Calibration` (needed by every data-based metric).
+        metrics: metric specs, e.g. ``["l1", "magnitude(p=2, normalizer='lamp')", "two_axis(alpha=1, beta=0.5)"]``.
+        layers: a subset of layers (default: the calibration's layers, or the graph's default layers).
+        graph: the model's :class:`~chanaxis_fast.graph.ModelGraph` when there is no calibration.
+        **options: options shared by the metrics (e.g. ``ridge=1e-3``, ``seed=0``).
+    """
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    if graph is None:
+        if calibration is None:
+            raise ValueError("score: pass a calibration, or a graph (chanaxis_fast.trace_model) for "
+                             "weight-only metrics")
+        graph = calibration.graph
+    if layers is None:
+        layers = list(calibration.layers) if calibration is not None else graph.default_layers()
+    for name in layers:
+        if name not in graph.layers:
+            raise ValueError(f"score: unknown layer {name!r}; layers: {', '.join(graph.layers)}")
+    ctx = MetricContext(model, graph, calibration, options)
+    values: Dict[str, Dict[str, Tensor]] = {}
+    summaries: Dict[str, Dict[str, float]] = {}
+    parsed = [parse_metric(m) for m in metrics]
+    for name, _, _ in parsed:
+        get_metric(name)  # unknown names fail before any work
+    for name, params, label in parsed:
+        spec = get_metric(name)
+        out = summaries if spec.summary else values
+        out[label] = {}
+        for layer in layers:
+            try:
+                result = spec.fn(ctx, layer, **params)
+            except TypeError as e:
+                if "unexpected keyword" in str(e) or "got an unexpected" in str(e):
+                    raise ValueError(f"metric {label!r}: {e}") from None
+                raise
+            if spec.summary:
+                out[label][layer] = float(result)
+                continue
+            result = torch.as_tensor(result).detach().to("cpu", torch.float64).reshape(-1)
+            C = graph.layers[layer].out_channels
+            if result.numel() != C:
+                raise RuntimeError(f"metric {label!r} returned {result.numel()} scores for layer "
+                                   f"{layer!r}, which has {C} channels")
+            out[label][layer] = result
+    return Scores(layers, values, summaries)
+
+
+def minmax(a: Tensor) -> Tensor:
+    """Per-layer min-max normalisation of METHOD §3: (a - min) / (max - min), 0 if the range < 1e-8."""
+    lo, hi = a.min(), a.max()
+    rng = float(hi - lo)
+    return torch.zeros_like(a) if not math.isfinite(rng) or rng < 1e-8 else (a - lo) / rng
