@@ -8,3 +8,5 @@ from .registry import (MetricContext, MetricSpec, MissingInputError, Scores, ava
 
 __all__ = ["MetricContext", "MetricSpec", "MissingInputError", "Scores", "available_metrics",
            "get_metric", "minmax", "parse_metric", "register_metric", "score"]
+
+from . import axes  # noqa: E402,F401  (registers the two-axis metrics and composites)

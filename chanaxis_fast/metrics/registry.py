@@ -34,6 +34,7 @@ class MetricSpec:
     needs: Tuple[str, ...]   # what the calibration must hold: "stats", "target", "patches", "grads", "hrank", "chip", "bn"
     kind: str                # "local", "target", "composite", "baseline" or "custom"
     summary: bool            # one float per layer instead of one score per channel
+    direction: int           # +1: a higher value means keep; -1: a higher value means removable
     doc: str
 
 
@@ -41,16 +42,23 @@ _REGISTRY: Dict[str, MetricSpec] = {}
 
 
 def register_metric(name: str, *, needs: Sequence[str] = (), kind: str = "custom",
-                    summary: bool = False, replace: bool = False):
-    """Decorator registering ``fn(ctx, layer, **params)`` as metric ``name``."""
+                    summary: bool = False, direction: int = 1, replace: bool = False):
+    """Decorator registering ``fn(ctx, layer, **params)`` as metric ``name``.
+
+    ``direction`` says how the values rank channels for pruning: +1 (default) when a higher value
+    means "keep", -1 when a higher value means "removable" (e.g. peer overlap). Scores report the
+    raw values either way; the pruning protocol uses ``direction * value``.
+    """
     if not name.isidentifier():
         raise ValueError(f"register_metric: name must be an identifier, got {name!r}")
+    if direction not in (1, -1):
+        raise ValueError(f"register_metric: direction must be +1 or -1, got {direction!r}")
 
     def deco(fn):
         if name in _REGISTRY and not replace:
             raise ValueError(f"register_metric: a metric named {name!r} exists already "
                              f"(pass replace=True to override it)")
-        _REGISTRY[name] = MetricSpec(name, fn, tuple(needs), kind, summary,
+        _REGISTRY[name] = MetricSpec(name, fn, tuple(needs), kind, summary, direction,
                                      (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
@@ -136,6 +144,11 @@ class MetricContext:
                                     f"{layer!r}; calibrated layers: {', '.join(cal.stats)}")
         return cal.stats[layer]
 
+    def metric(self, spec: str, layer: str) -> Tensor:
+        """Scores of another registered metric for ``layer`` (cached), e.g. inside a composite."""
+        name, params, label = parse_metric(spec)
+        return self.cached(("metric", label, layer), lambda: _run(self, get_metric(name), params, label, layer))
+
     def cached(self, key, compute: Callable):
         """compute() once per context for ``key``: shared intermediate results between metrics."""
         if key not in self.cache:
@@ -147,14 +160,15 @@ class Scores:
     """Per-layer, per-metric channel scores (and per-layer summaries) from :func:`score`.
 
     ``scores["l1"]`` -> {layer: Tensor[C]}; ``scores.layer(name)`` -> {metric: Tensor[C]};
-    ``scores.summaries`` -> {metric: {layer: float}}.
+    ``scores.summaries`` -> {metric: {layer: float}}; ``scores.skipped`` -> {metric: reason}.
     """
 
     def __init__(self, layers: List[str], values: Dict[str, Dict[str, Tensor]],
-                 summaries: Dict[str, Dict[str, float]]):
+                 summaries: Dict[str, Dict[str, float]], skipped: Optional[Dict[str, str]] = None):
         self.layers = list(layers)
         self.values = values
         self.summaries = summaries
+        self.skipped = dict(skipped or {})  # metric -> why it was left out (score(missing="skip"))
 
     @property
     def metrics(self) -> List[str]:
@@ -203,7 +217,7 @@ class Scores:
 
 def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]] = ("l1",), *,
           layers: Optional[Sequence[str]] = None, graph: Optional[ModelGraph] = None,
-          **options) -> Scores:
+          missing: str = "raise", **options) -> Scores:
     """Score every channel of the calibrated layers with each metric.
 
     Args:
@@ -212,10 +226,15 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
         metrics: metric specs, e.g. ``["l1", "magnitude(p=2, normalizer='lamp')", "two_axis(alpha=1, beta=0.5)"]``.
         layers: a subset of layers (default: the calibration's layers, or the graph's default layers).
         graph: the model's :class:`~chanaxis_fast.graph.ModelGraph` when there is no calibration.
+        missing: "raise" (default): a metric whose inputs are missing (MissingInputError, e.g.
+            bn_scale on a layer without BatchNorm) is an error; "skip": the metric is left out and
+            the reason recorded in ``Scores.skipped``.
         **options: options shared by the metrics (e.g. ``ridge=1e-3``, ``seed=0``).
     """
     if isinstance(metrics, str):
         metrics = [metrics]
+    if missing not in ("raise", "skip"):
+        raise ValueError(f"score: missing must be 'raise' or 'skip', got {missing!r}")
     if graph is None:
         if calibration is None:
             raise ValueError("score: pass a calibration, or a graph (chanaxis_fast.trace_model) for "
@@ -229,30 +248,42 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
     ctx = MetricContext(model, graph, calibration, options)
     values: Dict[str, Dict[str, Tensor]] = {}
     summaries: Dict[str, Dict[str, float]] = {}
+    skipped: Dict[str, str] = {}
     parsed = [parse_metric(m) for m in metrics]
     for name, _, _ in parsed:
         get_metric(name)  # unknown names fail before any work
     for name, params, label in parsed:
         spec = get_metric(name)
-        out = summaries if spec.summary else values
-        out[label] = {}
-        for layer in layers:
-            try:
-                result = spec.fn(ctx, layer, **params)
-            except TypeError as e:
-                if "unexpected keyword" in str(e) or "got an unexpected" in str(e):
-                    raise ValueError(f"metric {label!r}: {e}") from None
+        per_layer = {}
+        try:
+            for layer in layers:
+                per_layer[layer] = ctx.cached(("metric", label, layer),
+                                              lambda: _run(ctx, spec, params, label, layer))
+        except MissingInputError as e:
+            if missing == "raise":
                 raise
-            if spec.summary:
-                out[label][layer] = float(result)
-                continue
-            result = torch.as_tensor(result).detach().to("cpu", torch.float64).reshape(-1)
-            C = graph.layers[layer].out_channels
-            if result.numel() != C:
-                raise RuntimeError(f"metric {label!r} returned {result.numel()} scores for layer "
-                                   f"{layer!r}, which has {C} channels")
-            out[label][layer] = result
-    return Scores(layers, values, summaries)
+            skipped[label] = str(e)
+            continue
+        (summaries if spec.summary else values)[label] = per_layer
+    return Scores(layers, values, summaries, skipped)
+
+
+def _run(ctx: MetricContext, spec: MetricSpec, params: dict, label: str, layer: str):
+    """One metric on one layer, its result checked: a float (summary) or float64 [C] on the CPU."""
+    try:
+        result = spec.fn(ctx, layer, **params)
+    except TypeError as e:
+        if "unexpected keyword" in str(e):
+            raise ValueError(f"metric {label!r}: {e}") from None
+        raise
+    if spec.summary:
+        return float(result)
+    result = torch.as_tensor(result).detach().to("cpu", torch.float64).reshape(-1)
+    C = ctx.graph.layers[layer].out_channels
+    if result.numel() != C:
+        raise RuntimeError(f"metric {label!r} returned {result.numel()} scores for layer "
+                           f"{layer!r}, which has {C} channels")
+    return result
 
 
 def minmax(a: Tensor) -> Tensor:
