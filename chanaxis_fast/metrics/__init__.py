@@ -8,3 +8,4 @@ from .registry import (MetricContext, MetricSpec, MissingInputError, Scores, ava
 
 __all__ = ["MetricContext", "MetricSpec", "MissingInputError", "Scores", "available_metrics",
            "get_metric", "minmax", "parse_metric", "register_metric", "score"]
+from . import activations  # noqa: E402,F401  (registers the data-based baselines)
