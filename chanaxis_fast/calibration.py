@@ -527,6 +527,7 @@ class _Pass:
         self.handles = []
         self.u: Optional[Tensor] = None
         self.rank_todo = 0
+        self.active = True  # off during a gradient-only forward
         self.reset()
         points: Dict[str, Dict[int, List[str]]] = {}
         for l in cal.layers:
@@ -572,6 +573,8 @@ class _Pass:
     # -------------------------------------------------------------- read-outs
     def _readout_hook(self, name, calls):
         def hook(mod, args, out):
+            if not self.active:
+                return
             k = self.calls.get(name, 0)
             self.calls[name] = k + 1
             for layer in calls.get(k, ()):
@@ -617,6 +620,8 @@ class _Pass:
         node = self.graph.layers[name]
 
         def hook(mod, args):
+            if not self.active:
+                return
             x = args[0].detach()
             who = f"calibrate: input of consumer {name!r}"
             N = x.shape[0]
@@ -655,6 +660,8 @@ class _Pass:
         node = self.graph.layers[name]
 
         def hook(mod, args, out):
+            if not self.active:
+                return
             flat = _channels_first(out.detach(), node.channel_dim)
             N, C, S = flat.shape
             idx = self._index(N, S, flat.device)
@@ -904,6 +911,32 @@ def _new_calibration(model, graph, names, config, extras, device) -> Calibration
     return cal
 
 
+def _taylor_grads(model, hooks: _Pass, weights, logits, images, labels, skip_nonfinite):
+    """Gradients of the summed cross-entropy w.r.t. the calibrated weights (float64).
+
+    Images with a non-finite loss raise, or with ``skip_nonfinite`` are left out by a second,
+    gradient-only forward on the other images (their NaN would otherwise reach every gradient)."""
+    per_image = F.cross_entropy(logits, labels, reduction="none")
+    ok = torch.isfinite(per_image.detach())
+    params = list(weights.values())
+    if bool(ok.all()):
+        g = torch.autograd.grad(per_image.sum(), params, allow_unused=True)
+    elif not skip_nonfinite:
+        raise ValueError(f"calibrate: non-finite cross-entropy for {int((~ok).sum())} images (Taylor "
+                         f"gradients); pass skip_nonfinite=True to leave them out")
+    elif not bool(ok.any()):
+        g = [None] * len(params)
+    else:
+        hooks.active = False
+        try:
+            loss = F.cross_entropy(model(images[ok]), labels[ok], reduction="sum")
+        finally:
+            hooks.active = True
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+    return {l: (gi if gi is not None else torch.zeros_like(w)).detach().double()
+            for (l, w), gi in zip(weights.items(), g)}
+
+
 def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights, mode, P,
                rank_images):
     """One forward (with grad for Taylor), then fold everything in; nothing is folded on error."""
@@ -919,12 +952,8 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
             raise ValueError(f"calibrate: the target must be a Tensor[{N}] (one value per image), got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         t = t.detach().to(images.device, torch.float64)
-        grads = {}
-        if weights:
-            loss = F.cross_entropy(logits, labels.long(), reduction="sum")
-            g = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
-            grads = {l: (gi if gi is not None else torch.zeros_like(w)).detach().double()
-                     for (l, w), gi in zip(weights.items(), g)}
+        grads = _taylor_grads(model, hooks, weights, logits, images, labels.long(),
+                              cal.config["skip_nonfinite"]) if weights else {}
     missing = [l for l in cal.layers if l not in hooks.rows]
     if missing:
         raise RuntimeError(f"calibrate: no read-out was captured for {', '.join(missing)} "

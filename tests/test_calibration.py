@@ -227,6 +227,27 @@ def test_custom_target():
     np.testing.assert_allclose(cal.stats["a"].comoment.numpy(), M, rtol=1e-10, atol=1e-10)
 
 
+def test_nonfinite_images_raise_or_are_skipped():
+    net, ds = SmallNet(), dataset(10)
+    x, y = ds.tensors[0].clone(), ds.tensors[1]
+    x[3, 0, 2, 2] = float("nan")  # reaches every read-out row of image 3 through its target
+    bad = torch.utils.data.TensorDataset(x, y)
+    with pytest.raises((ValueError, RuntimeError), match="NaN/Inf|non-finite"):
+        run(net, bad, 4)
+    with pytest.raises(ValueError, match="non-finite cross-entropy"):
+        run(net, bad, 4, extras=["taylor"])
+    kept = [i for i in range(10) if i != 3]
+    skipped = run(net, bad, 4, skip_nonfinite=True, extras=["taylor", "hrank", "chip"], rank_images=5)
+    clean = run(net, torch.utils.data.TensorDataset(x[kept], y[kept]), 4, extras=["taylor", "hrank", "chip"],
+                rank_images=4)
+    for l in LAYERS:
+        assert skipped.stats[l].count == clean.stats[l].count  # (positions differ: not the values)
+        torch.testing.assert_close(skipped.grads[l], clean.grads[l], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(skipped.hrank[l], clean.hrank[l])
+        torch.testing.assert_close(skipped.chip[l], clean.chip[l], rtol=1e-9, atol=1e-9)
+    assert skipped.rank_counts["a"] == 4
+
+
 # ---------------------------------------------------------------------- persistence, resume
 def test_graph_state_dict_roundtrip():
     net = SmallNet()
