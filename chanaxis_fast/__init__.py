@@ -13,6 +13,7 @@ from .graph import ModelGraph, trace_model
 from .metrics import (MissingInputError, Scores, available_metrics, register_metric,
                       score)
 from .stats import ChannelStats, StatsFileError
+from .calibration import Calibration, calibrate
 
 __version__ = "0.1.0"
 
@@ -41,3 +42,4 @@ def build_info():
 __all__ = ["ChannelStats", "MissingInputError", "ModelGraph", "Scores", "StatsFileError",
            "available_metrics", "build_info", "ops", "reference", "register_metric", "score",
            "trace_model"]
+__all__ += ["Calibration", "calibrate"]

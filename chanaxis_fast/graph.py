@@ -197,6 +197,29 @@ class ModelGraph:
                     out.append((name, off - l.input_offset))
         return out
 
+    # -------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """The graph as plain dicts, lists, tuples and scalars (no module references), for saving
+        with ``torch.save`` and loading with ``weights_only=True``."""
+        return {
+            "layers": [dataclasses.asdict(l) for l in self.layers.values()],
+            "spaces": [dataclasses.asdict(s) for s in self._spaces],
+            "parent": list(self._parent),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ModelGraph":
+        """Rebuild a graph saved by :meth:`state_dict`; it has no modules (``module()`` fails)."""
+        g = cls()
+        for d in state["layers"]:
+            node = LayerNode(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+            g.layers[node.name] = node
+        g._spaces = [_Space(s["size"], None if s["segments"] is None else
+                            [tuple(seg) for seg in s["segments"]], bool(s["opaque"]))
+                     for s in state["spaces"]]
+        g._parent = [int(p) for p in state["parent"]]
+        return g
+
 
 class _Tracer(TorchFunctionMode):
     def __init__(self, model: nn.Module):

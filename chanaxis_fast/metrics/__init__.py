@@ -9,4 +9,6 @@ from .registry import (MetricContext, MetricSpec, MissingInputError, Scores, ava
 __all__ = ["MetricContext", "MetricSpec", "MissingInputError", "Scores", "available_metrics",
            "get_metric", "minmax", "parse_metric", "register_metric", "score"]
 
-from . import axes  # noqa: E402,F401  (registers the two-axis metrics and composites)
+# importing these registers the built-in metrics
+from . import activations  # noqa: E402,F401  (data-based baselines)
+from . import axes  # noqa: E402,F401  (the two axes and their composites)
