@@ -8,3 +8,5 @@ from .registry import (MetricContext, MetricSpec, MissingInputError, Scores, ava
 
 __all__ = ["MetricContext", "MetricSpec", "MissingInputError", "Scores", "available_metrics",
            "get_metric", "minmax", "parse_metric", "register_metric", "score"]
+
+from . import weights  # noqa: E402,F401  (registers l1, l2, magnitude, fpgm, fermat, bn_scale, random)
