@@ -12,3 +12,4 @@ __all__ = ["MetricContext", "MetricSpec", "MissingInputError", "Scores", "availa
 # importing these registers the built-in metrics
 from . import activations  # noqa: E402,F401  (data-based baselines)
 from . import axes  # noqa: E402,F401  (the two axes and their composites)
+from . import weights  # noqa: E402,F401  (weight-based baselines)
