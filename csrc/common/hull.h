@@ -113,9 +113,9 @@ C10_HOST_DEVICE inline HullTarget locate_target(const double* P_all, const int64
   return {P_all + layers[lo * 3], layers[lo * 3 + 2], t - layers[lo * 3 + 1]};
 }
 
-// Scratch of one target: u [max_steps, C], then c [C], then v [C].
+// Scratch of one target: u [max_steps, C], then c [C], v [C] and the gains g [C].
 C10_HOST_DEVICE inline int64_t scratch_doubles(int64_t max_steps, int64_t C) {
-  return (max_steps + 2) * C;
+  return (max_steps + 3) * C;
 }
 
 // Start of target i, entry j: nothing selected, c_j = A_ij, v_j = A_jj; v_i = 0 keeps i out.
@@ -125,12 +125,29 @@ C10_HOST_DEVICE inline void hull_init(const HullTarget& T, double ridge, int64_t
   v[j] = j == T.i ? 0.0 : a_entry(T.P, T.C, ridge, j, j);
 }
 
-// Entry j of the new column u_k for the selected peer s, root_v = sqrt(v_s).
+// Entry j of the new column u_k for the selected peer s, in three phases so that the CPU can
+// sweep whole rows of u (vectorised) while a GPU thread loops over l for its entries; both apply
+// the same operations to every entry in the same order:
+//   r = column_start(s, j); r = column_step(r, u_l[j], u_l[s]) for l = 0..k-1;
+//   u_k[j] = column_finish(r, 1 / sqrt(v_s)).
+C10_HOST_DEVICE inline double column_start(const HullTarget& T, double ridge, int64_t s,
+                                           int64_t j) {
+  return a_entry(T.P, T.C, ridge, j, s);
+}
+C10_HOST_DEVICE inline double column_step(double r, double u_lj, double u_ls) {
+  return sub_rn(r, mul_rn(u_lj, u_ls));
+}
+C10_HOST_DEVICE inline double column_finish(double r, double inv_root_v) {
+  return mul_rn(r, inv_root_v);
+}
+C10_HOST_DEVICE inline double inverse_root(double v) { return div_rn(1.0, sqrt_rn(v)); }
+
 C10_HOST_DEVICE inline double hull_column_entry(const HullTarget& T, double ridge, const double* u,
-                                                int64_t k, int64_t s, int64_t j, double root_v) {
-  double r = a_entry(T.P, T.C, ridge, j, s);
-  for (int64_t l = 0; l < k; ++l) r = sub_rn(r, mul_rn(u[l * T.C + j], u[l * T.C + s]));
-  return div_rn(r, root_v);
+                                                int64_t k, int64_t s, int64_t j,
+                                                double inv_root_v) {
+  double r = column_start(T, ridge, s, j);
+  for (int64_t l = 0; l < k; ++l) r = column_step(r, u[l * T.C + j], u[l * T.C + s]);
+  return column_finish(r, inv_root_v);
 }
 
 // Entry j of c and v once u_k (uk) is complete. The selected peer s, like the target and the
@@ -169,8 +186,9 @@ struct HullState {
 // factorisation in row order, the target's partial covariances computed alongside. A peer whose
 // residual variance given the kept earlier peers is <= kMinResidual adds nothing and is dropped,
 // as the greedy hull would never select it. Scratch: L [K, K] (row n = factor entries of the
-// n-th kept peer, diagonal = sqrt of its residual variance), lt [K] (the target's entries), kept [K].
-// For the first k members of a hull this repeats the hull's arithmetic operation for operation.
+// n-th kept peer, diagonal = 1 / sqrt of its residual variance), lt [K] (the target's entries),
+// kept [K]. For the first k members of a hull this repeats the hull's arithmetic operation for
+// operation, so the result equals its hull_ev[k - 1] exactly.
 C10_HOST_DEVICE inline double explained_variance_row(const double* P, int64_t C, double ridge,
                                                      int64_t t, const int64_t* peers, int64_t K,
                                                      double* L, double* lt, int64_t* kept) {
@@ -182,8 +200,8 @@ C10_HOST_DEVICE inline double explained_variance_row(const double* P, int64_t C,
     double* row = L + n * K;
     for (int64_t m = 0; m < n; ++m) {
       double r = a_entry(P, C, ridge, p, kept[m]);
-      for (int64_t l = 0; l < m; ++l) r = sub_rn(r, mul_rn(row[l], L[m * K + l]));
-      row[m] = div_rn(r, L[m * K + m]);
+      for (int64_t l = 0; l < m; ++l) r = column_step(r, row[l], L[m * K + l]);
+      row[m] = column_finish(r, L[m * K + m]);
     }
     double v = a_entry(P, C, ridge, p, p);
     double c = P[t * C + p];
@@ -193,8 +211,8 @@ C10_HOST_DEVICE inline double explained_variance_row(const double* P, int64_t C,
     }
     if (!(v > kMinResidual)) continue;
     E = add_rn(E, residual_gain(c, v));
-    row[n] = sqrt_rn(v);
-    lt[n] = div_rn(c, row[n]);
+    row[n] = inverse_root(v);
+    lt[n] = column_finish(c, row[n]);
     kept[n] = p;
     ++n;
   }

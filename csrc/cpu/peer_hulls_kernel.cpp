@@ -25,25 +25,32 @@ void peer_hulls_target(const hull::HullTarget& T, double e_full, const HullsPlan
   double* u = scratch;
   double* c = u + plan.max_steps * C;
   double* v = c + C;
+  double* g = v + C;
   for (int64_t j = 0; j < C; ++j) hull::hull_init(T, plan.ridge, j, c, v);
   hull::HullState st;
   while (st.wants_more(e_full, plan.eps, plan.max_size)) {
     double best = 0.0;
     for (int64_t j = 0; j < C; ++j) {
-      const double g = hull::residual_gain(c[j], v[j]);
-      best = g > best ? g : best;
+      g[j] = hull::residual_gain(c[j], v[j]);
+      best = g[j] > best ? g[j] : best;
     }
     if (!(best > 0.0)) break;  // no candidate left, or none adds anything
     int64_t s = 0;
-    while (!hull::ties_best(hull::residual_gain(c[s], v[s]), best)) ++s;
-    const double gain = hull::residual_gain(c[s], v[s]);
-    const double root_v = hull::sqrt_rn(v[s]);
-    double* uk = u + st.size * C;
-    for (int64_t j = 0; j < C; ++j)
-      uk[j] = hull::hull_column_entry(T, plan.ridge, u, st.size, s, j, root_v);
+    while (!hull::ties_best(g[s], best)) ++s;
+    const double inv_root_v = hull::inverse_root(v[s]);
+    // The new column row by row of u (vectorisable), each entry in hull_column_entry's order.
+    const int64_t k = st.size;
+    double* uk = u + k * C;
+    for (int64_t j = 0; j < C; ++j) uk[j] = hull::column_start(T, plan.ridge, s, j);
+    for (int64_t l = 0; l < k; ++l) {
+      const double* ul = u + l * C;
+      const double uls = ul[s];
+      for (int64_t j = 0; j < C; ++j) uk[j] = hull::column_step(uk[j], ul[j], uls);
+    }
+    for (int64_t j = 0; j < C; ++j) uk[j] = hull::column_finish(uk[j], inv_root_v);
     for (int64_t j = 0; j < C; ++j) hull::hull_downdate(T, uk, s, j, c, v);
-    members[st.size] = s;
-    ev[st.size] = st.add(gain);
+    members[k] = s;
+    ev[k] = st.add(g[s]);
   }
   hull_size = st.size;
   saturated = st.saturated;

@@ -5,7 +5,7 @@
 // Algorithm: E_full from one Cholesky factorisation per layer (at::linalg_cholesky_ex and
 // at::cholesky_inverse, in peer_hulls.cpp); then ONE launch for every channel of every layer: a
 // block of kThreads threads per target channel (grid-stride over the targets; each block owns a
-// slot of global scratch for u [max_steps, C], c [C], v [C]), threads over the candidates j, one
+// slot of global scratch for u [max_steps, C], c, v, g [C]), threads over the candidates j, one
 // block reduction for the largest gain and one for the lowest index that ties it. Every value is
 // computed by the common/hull.h functions, in the same order as on the CPU.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
@@ -51,32 +51,33 @@ __global__ void __launch_bounds__(kThreads) peer_hulls_kernel(
     const int64_t C = T.C;
     double* const c = u + max_steps * C;
     double* const v = c + C;
+    double* const g = v + C;
     for (int64_t j = threadIdx.x; j < C; j += kThreads) hull::hull_init(T, ridge, j, c, v);
     __syncthreads();
     // Every thread holds the same state and takes the same decisions: the loop is uniform.
     hull::HullState st;
     while (st.wants_more(e_full[t], eps, max_size)) {
-      double g = 0.0;
+      double best_local = 0.0;
       for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-        const double gj = hull::residual_gain(c[j], v[j]);
-        g = gj > g ? gj : g;
+        g[j] = hull::residual_gain(c[j], v[j]);
+        best_local = g[j] > best_local ? g[j] : best_local;
       }
-      const double best = cuda::block_reduce<kThreads>(g, MaxOp(), warp_gain, &best_gain);
+      const double best = cuda::block_reduce<kThreads>(best_local, MaxOp(), warp_gain, &best_gain);
       if (!(best > 0.0)) break;  // no candidate left, or none adds anything
       int64_t first = INT64_MAX;
       for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-        if (hull::ties_best(hull::residual_gain(c[j], v[j]), best)) {
+        if (hull::ties_best(g[j], best)) {
           first = j;
           break;
         }
       }
       const int64_t s = cuda::block_reduce<kThreads>(first, MinOp(), warp_index, &best_index);
-      const double gain = hull::residual_gain(c[s], v[s]);
-      const double root_v = hull::sqrt_rn(v[s]);
+      const double gain = g[s];
+      const double inv_root_v = hull::inverse_root(v[s]);
       double* const uk = u + st.size * C;
       for (int64_t j = threadIdx.x; j < C; j += kThreads)
-        uk[j] = hull::hull_column_entry(T, ridge, u, st.size, s, j, root_v);
-      __syncthreads();  // u_k complete (the downdate reads u_k[i]); c[s], v[s] read by all
+        uk[j] = hull::hull_column_entry(T, ridge, u, st.size, s, j, inv_root_v);
+      __syncthreads();  // u_k complete (the downdate reads u_k[i]); g[s], v[s] read by all
       for (int64_t j = threadIdx.x; j < C; j += kThreads) hull::hull_downdate(T, uk, s, j, c, v);
       const double e = st.add(gain);
       if (threadIdx.x == 0) {
