@@ -115,6 +115,9 @@ def peer_hulls(
         * A hull stops early, not saturated, when no peer is left (``C - 1 < max_size``) or no
           peer adds anything (every remaining peer is collinear with the selected ones).
         * A peer whose residual variance given the selected ones is <= 1e-12 is never selected.
+        * The greedy steps are computed operation for operation alike on CPU and CUDA (no FMA
+          contraction), so both give the same bits from the same E_full; E_full itself comes from
+          LAPACK / cuSOLVER and may differ in the last bits between devices.
     """
     if isinstance(corr, Tensor):
         return Hulls(*_ops.peer_hulls([corr], max_size, eps, ridge))
