@@ -11,3 +11,21 @@ def _channel_moments_fake(x, target, positions, mode, channel_dim, skip_nonfinit
     D = C + (1 if target is not None else 0)
     f64 = dict(dtype=torch.float64, device=x.device)
     return x.new_empty((), dtype=torch.int64), x.new_empty((D,), **f64), x.new_empty((D, D), **f64)
+
+
+@torch.library.register_fake(_lib + "peer_hulls")
+def _peer_hulls_fake(corr, max_size, eps, ridge):
+    total = sum(c.shape[0] for c in corr)
+    device = corr[0].device
+    return (
+        torch.empty((total,), dtype=torch.float64, device=device),
+        torch.empty((total,), dtype=torch.int64, device=device),
+        torch.empty((total, max_size), dtype=torch.int64, device=device),
+        torch.empty((total, max_size), dtype=torch.float64, device=device),
+        torch.empty((total,), dtype=torch.bool, device=device),
+    )
+
+
+@torch.library.register_fake(_lib + "explained_variance")
+def _explained_variance_fake(corr, targets, peers, ridge):
+    return corr.new_empty((targets.shape[0],), dtype=torch.float64)

@@ -5,6 +5,7 @@ and raises ``RuntimeError`` naming the argument. Results are float64 whatever th
 """
 
 from typing import NamedTuple, Optional
+from typing import List, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -57,3 +58,92 @@ def channel_moments(
     if mode is None:
         mode = "positions" if positions is not None else "all"
     return Moments(*_ops.channel_moments(x, target, positions, mode, channel_dim, skip_nonfinite))
+
+
+class Hulls(NamedTuple):
+    """Replaceability hulls of the C channels of one layer (METHOD.md §3, local axis).
+
+    e_full: float64 [C]                  E_full(i) = E_i(all other channels), in [0, 1]
+    hull_size: int64 [C]                 |H_i|, 0 .. max_size
+    hull_members: int64 [C, max_size]    the peers of H_i in the order they were selected, then -1
+    hull_ev: float64 [C, max_size]       E_i after each step (non-decreasing), then NaN
+    saturated: bool [C]                  |H_i| = max_size and E_i(H_i) < (1 - eps) * E_full(i)
+    """
+
+    e_full: Tensor
+    hull_size: Tensor
+    hull_members: Tensor
+    hull_ev: Tensor
+    saturated: Tensor
+
+    @property
+    def compact_score(self) -> Tensor:
+        """Compact-hull score ``h_i = E_full(i) / max(1, |H_i|)``, float64 [C]."""
+        return self.e_full / self.hull_size.clamp_min(1)
+
+
+def peer_hulls(
+    corr: Union[Tensor, Sequence[Tensor]],
+    *,
+    max_size: int = 10,
+    eps: float = 0.05,
+    ridge: float = 1e-3,
+) -> Union[Hulls, List[Hulls]]:
+    """Greedy replaceability hulls of every channel of one layer, or of a list of layers.
+
+    With ``A = corr + ridge * I`` and ``E_i(S) = A[i, S] A[S, S]^-1 A[S, i]`` (clipped to [0, 1]),
+    the hull of channel i starts empty and repeatedly adds the peer j that most increases
+    ``E_i(S + {j})``, until ``E_i(S) >= (1 - eps) * E_full(i)`` or ``|S| = max_size``.
+
+    Args:
+        corr: Tensor[C, C] correlation matrix (float32 or float64; symmetric within 1e-5, unit
+            diagonal, no NaN), e.g. ``ChannelStats.correlation()`` (a constant channel is a row
+            and column of 0 with 1 on the diagonal); or a list of them, one per layer, of any
+            sizes, on one device: the whole list is processed in one call of the op.
+        max_size: the largest hull (>= 1).
+        eps: tolerance in [0, 1): a hull is complete at ``(1 - eps) * E_full``.
+        ridge: lambda >= 0 added to the diagonal. ``ridge = 0`` needs ``corr`` positive definite.
+
+    Returns:
+        :class:`Hulls` (float64 / int64 / bool, on corr's device), or a list of them for a list.
+
+    Conventions:
+        * Ties: gains within a relative 1e-12 of the largest go to the lowest channel index, so
+          CPU, CUDA and :func:`chanaxis_fast.reference.peer_hulls` select the same peers.
+        * ``E_full`` below 1e-12 is reported as 0 and such channels (constant channels, a
+          one-channel layer, channels uncorrelated with all others) have an empty hull.
+        * A hull stops early, not saturated, when no peer is left (``C - 1 < max_size``) or no
+          peer adds anything (every remaining peer is collinear with the selected ones).
+        * A peer whose residual variance given the selected ones is <= 1e-12 is never selected.
+        * The greedy steps are computed operation for operation alike on CPU and CUDA (no FMA
+          contraction), so both give the same bits from the same E_full; E_full itself comes from
+          LAPACK / cuSOLVER and may differ in the last bits between devices.
+    """
+    if isinstance(corr, Tensor):
+        return Hulls(*_ops.peer_hulls([corr], max_size, eps, ridge))
+    corr = list(corr)
+    if not corr:
+        return []
+    flat = _ops.peer_hulls(corr, max_size, eps, ridge)
+    sizes = [c.shape[0] for c in corr]
+    return [Hulls(*parts) for parts in zip(*(t.split(sizes) for t in flat))]
+
+
+def explained_variance(corr: Tensor, targets: Tensor, peers: Tensor, *, ridge: float = 1e-3) -> Tensor:
+    """``E_t(S)`` for arbitrary peer sets: one target and one set of peers per row.
+
+    Args:
+        corr: Tensor[C, C] correlation matrix (float32 or float64, as for :func:`peer_hulls`).
+        targets: int64 Tensor[B], the target channel of each row.
+        peers: int64 Tensor[B, K], the peers of each row; -1 entries are padding (a row of -1
+            gives 0). A row may not contain its target or repeat a peer.
+        ridge: lambda >= 0 added to the diagonal of ``corr[S, S]``.
+
+    Returns:
+        float64 Tensor[B]: ``corr[t, S] (corr[S, S] + ridge I)^-1 corr[S, t]`` clipped to [0, 1],
+        by one small Cholesky factorisation per row (meant for hull-sized K). A peer that is
+        (numerically) a linear combination of the earlier peers of its row adds nothing, which is
+        the limit of the ridge formula as ridge -> 0. ``explained_variance`` of the first k
+        members of a hull equals its ``hull_ev[:, k - 1]``.
+    """
+    return _ops.explained_variance(corr, targets, peers, ridge)

@@ -16,6 +16,16 @@ TORCH_LIBRARY(chanaxis_fast, m) {
   m.def(
       "channel_moments(Tensor x, Tensor? target, Tensor? positions, str mode, int channel_dim, "
       "bool skip_nonfinite) -> (Tensor, Tensor, Tensor)");
+  // corr: a list of L correlation matrices [C_l, C_l] (float32/float64, one device), processed in
+  // one launch. Outputs are concatenated over the layers (sum C_l rows, member indices local to
+  // each layer): (e_full float64 [sum C_l], hull_size int64 [sum C_l], hull_members int64
+  // [sum C_l, max_size] (-1 padded), hull_ev float64 [sum C_l, max_size] (NaN padded),
+  // saturated bool [sum C_l]).
+  m.def(
+      "peer_hulls(Tensor[] corr, int max_size, float eps, float ridge) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // corr [C, C]; targets int64 [B]; peers int64 [B, K] (-1 = padding). Returns float64 [B].
+  m.def("explained_variance(Tensor corr, Tensor targets, Tensor peers, float ridge) -> Tensor");
 }
 
 namespace {
