@@ -30,19 +30,23 @@ class SmallNet(nn.Module):
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    model = SmallNet().eval()
+    model = SmallNet().double().eval()  # float64 end to end: comparisons at float64 precision
     for bn in (model.bn1, model.bn2):
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2)
-    x = torch.randn(48, 3, 6, 6)
+    x = torch.randn(48, 3, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 5, (48,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
     cal = cf.calibrate(model, loader, mode="all", progress=False)
     # activations and inputs captured by hand
     acts, ins = {}, {}
-    hooks = [getattr(model, n).register_forward_hook(
-        lambda m, i, o, n=n: (acts.__setitem__(n, o.detach()), ins.__setitem__(n, i[0].detach())))
-        for n in ("conv1", "conv2")]
+
+    def capture(name):
+        def hook(module, inputs, output):
+            acts[name], ins[name] = output.detach(), inputs[0].detach()
+        return hook
+
+    hooks = [getattr(model, n).register_forward_hook(capture(n)) for n in ("conv1", "conv2")]
     with torch.no_grad():
         logits = model(x)
     for h in hooks:

@@ -47,7 +47,7 @@ def input_capture(ctx, layer):
     whose channels are all constant scores 0 everywhere.
     """
     J = _channel_cov(ctx, layer, "input_capture").diagonal().clamp_min(0)
-    s0 = J.median()
+    s0 = J.quantile(0.5)  # the median; torch.median would take the lower middle value of an even count
     if s0 <= 0:
         s0 = J.mean()
     return torch.zeros_like(J) if s0 <= 0 else 0.5 * torch.log1p(J / s0)
