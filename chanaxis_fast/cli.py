@@ -29,7 +29,7 @@ DEFAULT_METRICS = [
 ]
 
 
-def _load_model(spec, weights, num_classes):
+def _load_model(spec, weights, num_classes, image_size):
     from . import data
 
     if spec == "mnist_cnn":
@@ -44,7 +44,7 @@ def _load_model(spec, weights, num_classes):
         if weights:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        return model.eval(), (3, 224, 224)
+        return model.eval(), (3, image_size, image_size)
     raise SystemExit(f"--model must be 'mnist_cnn' or 'torchvision:<name>', got {spec!r}")
 
 
@@ -93,7 +93,15 @@ def cmd_run(args):
 
     from .report import write_report
 
-    model, image_size = _load_model(args.model, args.weights, args.num_classes)
+    from .metrics import get_metric, parse_metric
+
+    metrics = _split_specs(args.metrics) if args.metrics else DEFAULT_METRICS
+    try:  # unknown metrics fail before the calibration, not after it
+        for spec in metrics:
+            get_metric(parse_metric(spec)[0])
+    except ValueError as e:
+        raise SystemExit(f"chanaxis-fast run: {e}")
+    model, image_size = _load_model(args.model, args.weights, args.num_classes, args.image_size)
     subset = _load_data(args.data, args.images, args.seed, image_size)
     out = args.out or os.path.join("runs", f"{args.model.split(':')[-1]}-{args.data.split(':')[0]}")
     os.makedirs(out, exist_ok=True)
@@ -103,7 +111,6 @@ def cmd_run(args):
                        readout=args.readout, device=args.device, seed=args.seed,
                        progress=not args.quiet, checkpoint=os.path.join(out, "calibration.pt"))
     t_cal = time.perf_counter() - t0
-    metrics = _split_specs(args.metrics) if args.metrics else DEFAULT_METRICS
     t0 = time.perf_counter()
     # The default set names every metric; those this model cannot support (bn_scale without
     # BatchNorm, ...) are skipped and listed in the report. Explicit metrics must all work.
@@ -150,6 +157,7 @@ def main(argv=None):
     run.add_argument("--model", default="mnist_cnn", help="mnist_cnn (trained, built in) or torchvision:<name>")
     run.add_argument("--weights", default=None, help="state_dict file for a torchvision model")
     run.add_argument("--num-classes", type=int, default=100, help="classes of a torchvision model (default 100)")
+    run.add_argument("--image-size", type=int, default=224, help="input size of a torchvision model")
     run.add_argument("--data", default="mnist", help="mnist (built in) or imagefolder:<path>")
     run.add_argument("--images", type=int, default=5000, help="calibration images (seeded subset)")
     run.add_argument("--batch-size", type=int, default=100)
