@@ -1,6 +1,7 @@
 """channel_moments against the best pure-PyTorch ways of computing the same statistics.
 
-  float64 ref : permute + reshape (+ gather) to rows, .double(), centre, Z^T Z     (float64-accurate)
+  float64 ref : channel-major rows [C, n] (transpose + reshape, + gather), .double(), centre,
+                Z Z^T (the faster of the two matmul layouts here)                  (float64-accurate)
   cov fp32    : torch.cov of the float32 rows                                      (float32-accurate)
   ours        : torch.ops.chanaxis_fast.channel_moments                            (float64-accurate)
 
@@ -29,9 +30,13 @@ def rows_of(x, positions=None):
 
 
 def float64_reference(x, positions=None):
-    z = rows_of(x, positions).double()
-    z = z - z.mean(0)
-    return z.T @ z / (z.shape[0] - 1)
+    N, C, H, W = x.shape
+    flat = x.transpose(0, 1).reshape(C, N, H * W)
+    if positions is not None:
+        flat = flat.gather(2, positions[None].expand(C, N, positions.shape[1]))
+    z = flat.reshape(C, -1).double()
+    z = z - z.mean(1, keepdim=True)
+    return z @ z.T / (z.shape[1] - 1)
 
 
 def cov_float32(x, positions=None):

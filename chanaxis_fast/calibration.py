@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .graph import ModelGraph, trace_model
-from .stats import ChannelStats, StatsFileError
+from .stats import ChannelStats, StatsFileError, atomic_save, read_state
 
 _FORMAT = "chanaxis_fast.Calibration"
 _PATCH_FORMAT = "chanaxis_fast.PatchStats"
@@ -490,25 +490,15 @@ class Calibration:
         return cal
 
     def save(self, path) -> None:
-        """Write atomically (temporary file renamed into place): an interrupted save never leaves
-        a truncated file behind nor destroys the previous one."""
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        """Write atomically (see :func:`~chanaxis_fast.stats.atomic_save`)."""
+        atomic_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path, device=None) -> "Calibration":
         """Read a file written by :meth:`save` (or a checkpoint of :func:`calibrate`); a truncated,
         corrupt or foreign file raises :class:`~chanaxis_fast.stats.StatsFileError`."""
         who = f"Calibration.load({os.fspath(path)!r})"
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # truncated zip, not a torch file, foreign pickled objects, ...
-            raise StatsFileError(f"{who}: not a readable chanaxis_fast calibration file (truncated or "
-                                 f"corrupt?): {type(e).__name__}: {e}") from None
-        return cls.from_state_dict(state, device, who)
+        return cls.from_state_dict(read_state(path, who, "calibration"), device, who)
 
     def __repr__(self):
         return (f"Calibration({len(self.layers)} layers, {self.num_images} images, "

@@ -182,11 +182,8 @@ class ChannelStats:
         return self
 
     def save(self, path) -> None:
-        """Write atomically (a temporary file renamed into place): an interrupted save never leaves
-        a truncated file behind nor destroys the previous one."""
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        """Write atomically (see :func:`atomic_save`)."""
+        atomic_save(self.state_dict(), path)
 
     @classmethod
     def load(cls, path, device=None) -> "ChannelStats":
@@ -209,15 +206,29 @@ def correlation_from_covariance(cov: Tensor) -> Tensor:
     return corr
 
 
-def load_checked(path, who: str) -> dict:
-    """torch.load a statistics file, turning every way it can be unreadable into StatsFileError."""
+def atomic_save(state, path) -> None:
+    """torch.save to a temporary file renamed into place: an interrupted save never leaves a
+    truncated file behind nor destroys the previous one."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_state(path, who: str, what: str = "statistics"):
+    """torch.load (weights only) a file of ours, turning every way it can be unreadable into
+    StatsFileError; a missing file stays a FileNotFoundError."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # truncated zip, not a torch file, pickle of foreign objects, ...
-        raise StatsFileError(f"{who}: {os.fspath(path)!r} is not a readable chanaxis_fast statistics "
+        raise StatsFileError(f"{who}: {os.fspath(path)!r} is not a readable chanaxis_fast {what} "
                              f"file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+
+
+def load_checked(path, who: str) -> dict:
+    """Read and validate a ChannelStats file."""
+    state = read_state(path, who)
     _validate(state, f"{who}({os.fspath(path)!r})")
     return state
 

@@ -5,9 +5,13 @@ what :func:`chanaxis_fast.calibrate` collected with activations obtained indepen
 """
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
+
+from chanaxis_fast import calibrate
 
 
 class SmallNet(nn.Module):
@@ -149,3 +153,21 @@ def moments_np(rows):
     mean = rows.mean(0)
     z = rows - mean
     return mean, z.T @ z
+
+
+LAYERS = ["a", "b", "e", "d"]  # SmallNet's default layers, in execution order
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread synchronisation would dominate on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(model, ds, batch_size=7, **kw):
+    """calibrate() over a plain DataLoader of ds, without progress bar."""
+    kw.setdefault("progress", False)
+    return calibrate(model, DataLoader(ds, batch_size=batch_size), **kw)

@@ -11,23 +11,9 @@ import chanaxis_fast as cf
 from chanaxis_fast import MissingInputError, calibrate
 from chanaxis_fast.calibration import chip_drops
 
-from calib_nets import (SMALL_CONSUMERS, ChannelsLastNet, SmallNet, dataset, hand_uniforms,
-                        rows_np)
+from calib_nets import (LAYERS, SMALL_CONSUMERS, ChannelsLastNet, SmallNet, dataset, hand_uniforms,
+                        one_thread, rows_np, run)  # noqa: F401 (one_thread: autouse fixture)
 
-LAYERS = ["a", "b", "e", "d"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run(model, ds, batch_size=5, **kw):
-    kw.setdefault("progress", False)
-    return calibrate(model, DataLoader(ds, batch_size=batch_size), **kw)
 
 
 def positions(u, S):

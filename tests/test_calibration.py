@@ -11,24 +11,9 @@ import chanaxis_fast as cf
 from chanaxis_fast import Calibration, StatsFileError, calibrate
 from chanaxis_fast.graph import ModelGraph, trace_model
 
-from calib_nets import (SMALL_CONSUMERS, ChannelsLastNet, SmallNet, dataset, hand_uniforms,
-                        margin_np, moments_np, rows_np)
+from calib_nets import (LAYERS, SMALL_CONSUMERS, ChannelsLastNet, SmallNet, dataset, hand_uniforms,
+                        margin_np, moments_np, one_thread, rows_np, run)  # noqa: F401
 
-LAYERS = ["a", "b", "e", "d"]  # SmallNet's default layers, in execution order
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: thread synchronisation would dominate on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run(model, ds, batch_size=7, **kw):
-    kw.setdefault("progress", False)
-    return calibrate(model, DataLoader(ds, batch_size=batch_size), **kw)
 
 
 def assert_stats_equal(c1, c2, rtol=1e-10, atol=1e-10):
