@@ -11,3 +11,30 @@ def _channel_moments_fake(x, target, positions, mode, channel_dim, skip_nonfinit
     D = C + (1 if target is not None else 0)
     f64 = dict(dtype=torch.float64, device=x.device)
     return x.new_empty((), dtype=torch.int64), x.new_empty((D,), **f64), x.new_empty((D, D), **f64)
+
+
+@torch.library.register_fake(_lib + "gaussian_mi_pairs")
+def _gaussian_mi_pairs_fake(cov, pairs):
+    return cov.new_empty((pairs.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "peer_overlap_mean")
+def _peer_overlap_mean_fake(cov):
+    return cov.new_empty((cov.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "pair_target_excess")
+def _pair_target_excess_fake(cov_t, pairs, jitter):
+    return cov_t.new_empty((pairs.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "triplet_target_excess")
+def _triplet_target_excess_fake(cov_t, triplets, jitter):
+    return cov_t.new_empty((triplets.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "target_excess")
+def _target_excess_fake(cov_t, partners, top, jitter):
+    C = cov_t.shape[0] - 1
+    return (cov_t.new_empty((C,), dtype=torch.float64),
+            cov_t.new_empty((C, partners), dtype=torch.int64))
