@@ -1,14 +1,92 @@
-// Host side of the Gaussian-MI ops: argument checks shared by the CPU and CUDA kernels.
+// Host side of the Gaussian-MI ops: argument checks shared by the CPU and CUDA kernels. The values
+// they need are gathered in one serial pass on the CPU (the ATen reductions cost more than the ops
+// themselves there) and with ATen reductions on the GPU; the messages are shared.
 #include "target_excess.h"
 
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "macros.h"
 
 namespace chanaxis {
+namespace {
+
+struct CovSummary {
+  bool finite = true;
+  double largest = 0.0;    // max |S_ij|
+  double asymmetry = 0.0;  // max |S_ij - S_ji|
+  double lowest = std::numeric_limits<double>::infinity();  // min S_ii
+  int64_t lowest_at = -1;
+};
+
+CovSummary summarize_cpu(const at::Tensor& S) {
+  CovSummary s;
+  const double* p = S.const_data_ptr<double>();
+  const int64_t n = S.size(0), s0 = S.stride(0), s1 = S.stride(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = p[i * s0 + i * s1];
+    if (!std::isfinite(d)) return {false};
+    if (d < s.lowest) s.lowest = d, s.lowest_at = i;
+    s.largest = std::max(s.largest, std::fabs(d));
+    for (int64_t j = i + 1; j < n; ++j) {
+      const double a = p[i * s0 + j * s1], b = p[j * s0 + i * s1];
+      if (!std::isfinite(a) || !std::isfinite(b)) return {false};
+      s.largest = std::max(s.largest, std::max(std::fabs(a), std::fabs(b)));
+      s.asymmetry = std::max(s.asymmetry, std::fabs(a - b));
+    }
+  }
+  return s;
+}
+
+CovSummary summarize_aten(const at::Tensor& S) {
+  CovSummary s;
+  if (!at::isfinite(S).all().item<bool>()) return {false};
+  s.largest = S.abs().max().item<double>();
+  s.asymmetry = (S - S.t()).abs().max().item<double>();
+  const at::Tensor diag = S.diagonal();
+  s.lowest = diag.min().item<double>();
+  s.lowest_at = diag.argmin().item<int64_t>();
+  return s;
+}
+
+struct IndexSummary {
+  int64_t lo, hi;
+  int64_t first_repeat;  // first row that repeats a channel, or -1
+};
+
+IndexSummary summarize_rows_cpu(const at::Tensor& rows) {
+  const int64_t* p = rows.const_data_ptr<int64_t>();
+  const int64_t P = rows.size(0), w = rows.size(1);
+  IndexSummary s{p[0], p[0], -1};
+  for (int64_t r = 0; r < P; ++r) {
+    const int64_t* row = p + r * w;
+    for (int64_t a = 0; a < w; ++a) {
+      s.lo = std::min(s.lo, row[a]);
+      s.hi = std::max(s.hi, row[a]);
+      for (int64_t b = a + 1; b < w && s.first_repeat < 0; ++b)
+        if (row[a] == row[b]) s.first_repeat = r;
+    }
+  }
+  return s;
+}
+
+IndexSummary summarize_rows_aten(const at::Tensor& rows) {
+  const auto range = at::aminmax(rows);
+  IndexSummary s{std::get<0>(range).item<int64_t>(), std::get<1>(range).item<int64_t>(), -1};
+  const int64_t w = rows.size(1);
+  at::Tensor repeated = at::zeros({rows.size(0)}, rows.options().dtype(at::kBool));
+  for (int64_t a = 0; a < w; ++a)
+    for (int64_t b = a + 1; b < w; ++b)
+      repeated.logical_or_(rows.select(1, a) == rows.select(1, b));
+  if (repeated.any().item<bool>())
+    s.first_repeat = repeated.nonzero().select(1, 0)[0].item<int64_t>();
+  return s;
+}
+
+}  // namespace
 
 at::Tensor checked_covariance(const at::Tensor& cov, const char* op, const char* name,
                               int64_t min_size, const char* what) {
@@ -20,19 +98,12 @@ at::Tensor checked_covariance(const at::Tensor& cov, const char* op, const char*
                  cov.sizes());
   CHANAXIS_CHECK_FLOATING(cov, op, name);
   at::Tensor S = cov.to(at::kDouble);
-  if (S.numel() == 0) return S;
-  CHANAXIS_CHECK(at::isfinite(S).all().item<bool>(), op, name, " has NaN/Inf values");
-  const double largest = S.abs().max().item<double>();
-  const double asym = (S - S.t()).abs().max().item<double>();
-  CHANAXIS_CHECK(asym <= 1e-6 * largest, op, name, " must be symmetric, got |", name, " - ", name,
-                 "^T| up to ", asym, " (largest entry ", largest, ")");
-  const at::Tensor diag = S.diagonal();
-  const double lowest = diag.min().item<double>();
-  if (lowest < 0.0) {
-    const int64_t at_index = diag.argmin().item<int64_t>();
-    CHANAXIS_CHECK(false, op, name, " has a negative variance on its diagonal (index ", at_index,
-                   ": ", lowest, ")");
-  }
+  const CovSummary s = S.is_cpu() ? summarize_cpu(S) : summarize_aten(S);
+  CHANAXIS_CHECK(s.finite, op, name, " has NaN/Inf values");
+  CHANAXIS_CHECK(s.asymmetry <= 1e-6 * s.largest, op, name, " must be symmetric, got |", name,
+                 " - ", name, "^T| up to ", s.asymmetry, " (largest entry ", s.largest, ")");
+  CHANAXIS_CHECK(s.lowest >= 0.0, op, name, " has a negative variance on its diagonal (index ",
+                 s.lowest_at, ": ", s.lowest, ")");
   return S;
 }
 
@@ -48,24 +119,18 @@ at::Tensor checked_index_rows(const at::Tensor& idx, int64_t width, int64_t C, c
                  "], got shape ", idx.sizes());
   at::Tensor rows = idx.contiguous();
   if (rows.size(0) == 0) return rows;
-  const auto range = at::aminmax(rows);
-  const int64_t lo = std::get<0>(range).item<int64_t>();
-  const int64_t hi = std::get<1>(range).item<int64_t>();
-  CHANAXIS_CHECK(lo >= 0 && hi < C, op, name, " must index channels 0..", C - 1, " (C = ", C, ")",
+  const IndexSummary s = rows.is_cpu() ? summarize_rows_cpu(rows) : summarize_rows_aten(rows);
+  CHANAXIS_CHECK(s.lo >= 0 && s.hi < C, op, name, " must index channels 0..", C - 1, " (C = ", C,
+                 ")",
                  target_last ? "; index C is the target (last row/column of cov_t), not a channel"
                              : "",
-                 ", got values in [", lo, ", ", hi, "]");
-  at::Tensor repeated = rows.select(1, 0) == rows.select(1, 1);
-  for (int64_t a = 0; a < width; ++a)
-    for (int64_t b = a + 1; b < width; ++b)
-      if (a > 0 || b > 1) repeated = repeated.logical_or_(rows.select(1, a) == rows.select(1, b));
-  if (repeated.any().item<bool>()) {
-    const int64_t p = repeated.nonzero().select(1, 0)[0].item<int64_t>();
-    const at::Tensor row = rows[p].cpu();
+                 ", got values in [", s.lo, ", ", s.hi, "]");
+  if (s.first_repeat >= 0) {
+    const at::Tensor row = rows[s.first_repeat].cpu();
     std::string values;
     for (int64_t a = 0; a < width; ++a)
       values += (a ? ", " : "") + std::to_string(row[a].item<int64_t>());
-    CHANAXIS_CHECK(false, op, name, "[", p, "] = (", values,
+    CHANAXIS_CHECK(false, op, name, "[", s.first_repeat, "] = (", values,
                    ") repeats a channel; the channels of a row must differ");
   }
   return rows;
