@@ -1,13 +1,15 @@
 // Host side of the Gaussian-MI ops: argument checks shared by the CPU and CUDA kernels. The values
-// they need are gathered in one serial pass on the CPU (the ATen reductions cost more than the ops
-// themselves there) and with ATen reductions on the GPU; the messages are shared.
+// they need are gathered in one pass on the CPU (separate ATen reductions would cost more than the
+// ops themselves) and with ATen reductions on the GPU; the messages are shared.
 #include "target_excess.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "macros.h"
 
@@ -22,21 +24,55 @@ struct CovSummary {
   int64_t lowest_at = -1;
 };
 
-CovSummary summarize_cpu(const at::Tensor& S) {
+// Rows [i0, i0 + kTile) of the upper triangle, tile by tile: S_ij along rows and S_ji from the
+// transposed tile, both in cache. (a - a) is 0 for finite a and NaN otherwise: no branch needed.
+// kLanes independent accumulators break the dependency chains of the running maxima.
+constexpr int64_t kTile = 32;
+constexpr int kLanes = 4;
+
+CovSummary summarize_tile_row(const double* p, int64_t n, int64_t s0, int64_t s1, int64_t i0) {
+  double nonfinite[kLanes] = {}, largest[kLanes] = {}, asymmetry[kLanes] = {};
+  const auto visit = [&](int lane, int64_t i, int64_t j) {
+    const double a = p[i * s0 + j * s1], b = p[j * s0 + i * s1];
+    nonfinite[lane] += (a - a) + (b - b);
+    largest[lane] = std::max(largest[lane], std::max(std::fabs(a), std::fabs(b)));
+    asymmetry[lane] = std::max(asymmetry[lane], std::fabs(a - b));
+  };
+  const int64_t i1 = std::min(i0 + kTile, n);
+  for (int64_t j0 = i0; j0 < n; j0 += kTile) {
+    const int64_t j1 = std::min(j0 + kTile, n);
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t j = std::max(j0, i);
+      for (; j + kLanes <= j1; j += kLanes)
+        for (int lane = 0; lane < kLanes; ++lane) visit(lane, i, j + lane);
+      for (; j < j1; ++j) visit(0, i, j);
+    }
+  }
   CovSummary s;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    s.finite = s.finite && nonfinite[lane] == 0.0;
+    s.largest = std::max(s.largest, largest[lane]);
+    s.asymmetry = std::max(s.asymmetry, asymmetry[lane]);
+  }
+  return s;
+}
+
+CovSummary summarize_cpu(const at::Tensor& S) {
   const double* p = S.const_data_ptr<double>();
   const int64_t n = S.size(0), s0 = S.stride(0), s1 = S.stride(1);
+  std::vector<CovSummary> rows((n + kTile - 1) / kTile);
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rows[r] = summarize_tile_row(p, n, s0, s1, r * kTile);
+  });
+  CovSummary s;
+  for (const CovSummary& r : rows) {
+    s.finite = s.finite && r.finite;
+    s.largest = std::max(s.largest, r.largest);
+    s.asymmetry = std::max(s.asymmetry, r.asymmetry);
+  }
   for (int64_t i = 0; i < n; ++i) {
-    const double d = p[i * s0 + i * s1];
-    if (!std::isfinite(d)) return {false};
+    const double d = p[i * (s0 + s1)];
     if (d < s.lowest) s.lowest = d, s.lowest_at = i;
-    s.largest = std::max(s.largest, std::fabs(d));
-    for (int64_t j = i + 1; j < n; ++j) {
-      const double a = p[i * s0 + j * s1], b = p[j * s0 + i * s1];
-      if (!std::isfinite(a) || !std::isfinite(b)) return {false};
-      s.largest = std::max(s.largest, std::max(std::fabs(a), std::fabs(b)));
-      s.asymmetry = std::max(s.asymmetry, std::fabs(a - b));
-    }
   }
   return s;
 }
@@ -88,8 +124,8 @@ IndexSummary summarize_rows_aten(const at::Tensor& rows) {
 
 }  // namespace
 
-at::Tensor checked_covariance(const at::Tensor& cov, const char* op, const char* name,
-                              int64_t min_size, const char* what) {
+CheckedCovariance checked_covariance(const at::Tensor& cov, const char* op, const char* name,
+                                     int64_t min_size, const char* what) {
   CHANAXIS_CHECK(cov.dim() == 2, op, name, " must be a 2-D matrix ", what, ", got ", cov.dim(),
                  "-D with shape ", cov.sizes());
   CHANAXIS_CHECK(cov.size(0) == cov.size(1), op, name, " must be square ", what, ", got shape ",
@@ -104,11 +140,9 @@ at::Tensor checked_covariance(const at::Tensor& cov, const char* op, const char*
                  " - ", name, "^T| up to ", s.asymmetry, " (largest entry ", s.largest, ")");
   CHANAXIS_CHECK(s.lowest >= 0.0, op, name, " has a negative variance on its diagonal (index ",
                  s.lowest_at, ": ", s.lowest, ")");
-  return S;
-}
-
-gaussian::SymView sym_view(const at::Tensor& cov64) {
-  return {cov64.const_data_ptr<double>(), cov64.stride(0), cov64.stride(1)};
+  at::Tensor var = S.diagonal().contiguous();
+  at::Tensor inv_var = at::where(var > 0, var.reciprocal(), at::zeros_like(var));
+  return {S, var, inv_var, S.select(1, S.size(0) - 1).contiguous()};
 }
 
 at::Tensor checked_index_rows(const at::Tensor& idx, int64_t width, int64_t C, const at::Tensor& cov,

@@ -461,3 +461,5 @@ def test_cuda_matches_cpu():
         ops.pair_target_excess(Sc, torch.tensor([[1, 1]], device="cuda"))
     with pytest.raises(RuntimeError, match="pairs is on cpu but cov_t is on cuda"):
         ops.pair_target_excess(Sc, torch.tensor([[0, 1]]))
+    with pytest.raises(RuntimeError, match="triplets is on cuda:0 but cov_t is on cpu"):
+        ops.triplet_target_excess(S, torch.tensor([[0, 1, 2]], device="cuda"))

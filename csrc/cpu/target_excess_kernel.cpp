@@ -37,32 +37,32 @@ constexpr const char* kCovTShape = "[C + 1, C + 1] (C >= 1 channels, then the ta
 
 at::Tensor gaussian_mi_pairs_cpu(const at::Tensor& cov, const at::Tensor& pairs) {
   constexpr const char* op = "gaussian_mi_pairs";
-  const at::Tensor S = checked_covariance(cov, op, "cov", 1, kCovShape);
-  const at::Tensor rows = checked_index_rows(pairs, 2, S.size(0), S, op, "pairs", false);
+  const CheckedCovariance S = checked_covariance(cov, op, "cov", 1, kCovShape);
+  const at::Tensor rows = checked_index_rows(pairs, 2, S.size(), S.values, op, "pairs", false);
   at::Tensor out = at::empty({rows.size(0)}, S.options());
   for_each_row(rows.size(0), kGrainRows,
-               MiPairsRow{sym_view(S), rows.const_data_ptr<int64_t>(), out.data_ptr<double>()});
+               MiPairsRow{S.view(), rows.const_data_ptr<int64_t>(), out.data_ptr<double>()});
   return out;
 }
 
 at::Tensor peer_overlap_mean_cpu(const at::Tensor& cov) {
   constexpr const char* op = "peer_overlap_mean";
-  const at::Tensor S = checked_covariance(cov, op, "cov", 1, kCovShape);
-  const int64_t C = S.size(0);
+  const CheckedCovariance S = checked_covariance(cov, op, "cov", 1, kCovShape);
+  const int64_t C = S.size();
   at::Tensor out = at::empty({C}, S.options());
-  for_each_row(C, kGrainChannels, PeerOverlapMeanRow{sym_view(S), C, out.data_ptr<double>()});
+  for_each_row(C, kGrainChannels, PeerOverlapMeanRow{S.view(), out.data_ptr<double>()});
   return out;
 }
 
 at::Tensor pair_target_excess_cpu(const at::Tensor& cov_t, const at::Tensor& pairs, double jitter) {
   constexpr const char* op = "pair_target_excess";
-  const at::Tensor S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
-  const int64_t C = S.size(0) - 1;
-  const at::Tensor rows = checked_index_rows(pairs, 2, C, S, op, "pairs", true);
+  const CheckedCovariance S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
+  const int64_t C = S.size() - 1;
+  const at::Tensor rows = checked_index_rows(pairs, 2, C, S.values, op, "pairs", true);
   check_jitter(jitter, op);
   at::Tensor out = at::empty({rows.size(0)}, S.options());
   for_each_row(rows.size(0), kGrainRows,
-               PairExcessRow{sym_view(S), C, rows.const_data_ptr<int64_t>(), jitter,
+               PairExcessRow{S.view(), rows.const_data_ptr<int64_t>(), jitter,
                              out.data_ptr<double>()});
   return out;
 }
@@ -70,13 +70,13 @@ at::Tensor pair_target_excess_cpu(const at::Tensor& cov_t, const at::Tensor& pai
 at::Tensor triplet_target_excess_cpu(const at::Tensor& cov_t, const at::Tensor& triplets,
                                      double jitter) {
   constexpr const char* op = "triplet_target_excess";
-  const at::Tensor S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
-  const int64_t C = S.size(0) - 1;
-  const at::Tensor rows = checked_index_rows(triplets, 3, C, S, op, "triplets", true);
+  const CheckedCovariance S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
+  const int64_t C = S.size() - 1;
+  const at::Tensor rows = checked_index_rows(triplets, 3, C, S.values, op, "triplets", true);
   check_jitter(jitter, op);
   at::Tensor out = at::empty({rows.size(0)}, S.options());
   for_each_row(rows.size(0), kGrainRows,
-               TripletExcessRow{sym_view(S), C, rows.const_data_ptr<int64_t>(), jitter,
+               TripletExcessRow{S.view(), rows.const_data_ptr<int64_t>(), jitter,
                                 out.data_ptr<double>()});
   return out;
 }
@@ -84,18 +84,18 @@ at::Tensor triplet_target_excess_cpu(const at::Tensor& cov_t, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> target_excess_cpu(const at::Tensor& cov_t, int64_t partners,
                                                      int64_t top, double jitter) {
   constexpr const char* op = "target_excess";
-  const at::Tensor S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
+  const CheckedCovariance S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
   check_at_least_one(partners, op, "partners");
   check_at_least_one(top, op, "top");
   check_jitter(jitter, op);
-  const int64_t C = S.size(0) - 1;
+  const int64_t C = S.size() - 1;
   const int64_t top_cap = std::min(top, partners);
   at::Tensor te = at::empty({C}, S.options());
   at::Tensor chosen = at::empty({C, partners}, S.options().dtype(at::kLong));
   at::Tensor keys = at::empty({C, partners}, S.options());
   at::Tensor best = at::empty({C, top_cap}, S.options());
   for_each_row(C, kGrainChannels,
-               TargetExcessRow{sym_view(S), C, partners, top_cap, jitter, keys.data_ptr<double>(),
+               TargetExcessRow{S.view(), partners, top_cap, jitter, keys.data_ptr<double>(),
                                best.data_ptr<double>(), chosen.data_ptr<int64_t>(),
                                te.data_ptr<double>()});
   return {te, chosen};
