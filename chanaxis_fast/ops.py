@@ -61,7 +61,7 @@ def channel_moments(
 
 # ----------------------------------------------------------------------------- Gaussian MI
 # METHOD.md §3. Covariances: float16/bfloat16/float32/float64, symmetric (to 1e-6 of the largest
-# entry; only the upper triangle is read), finite, non-negative diagonal; computed in float64.
+# variance; only the upper triangle is read), finite, non-negative diagonal; computed in float64.
 # rho_ij = S_ij / sqrt(S_ii S_jj), 0 when a variance is 0 (constant channel), clipped to
 # [-0.999, 0.999]. Joint MI with the target uses `jitter` on the diagonal of every submatrix, S_TT
 # included, which makes it the exact MI of the Gaussian with covariance S + jitter * I: finite,

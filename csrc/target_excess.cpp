@@ -18,7 +18,7 @@ namespace {
 
 struct CovSummary {
   bool finite = true;
-  double largest = 0.0;    // max |S_ij|
+  double largest = 0.0;    // max S_ii, the scale of the symmetry tolerance
   double asymmetry = 0.0;  // max |S_ij - S_ji|
   double lowest = std::numeric_limits<double>::infinity();  // min S_ii
   int64_t lowest_at = -1;
@@ -31,11 +31,10 @@ constexpr int64_t kTile = 32;
 constexpr int kLanes = 4;
 
 CovSummary summarize_tile_row(const double* p, int64_t n, int64_t s0, int64_t s1, int64_t i0) {
-  double nonfinite[kLanes] = {}, largest[kLanes] = {}, asymmetry[kLanes] = {};
+  double nonfinite[kLanes] = {}, asymmetry[kLanes] = {};
   const auto visit = [&](int lane, int64_t i, int64_t j) {
     const double a = p[i * s0 + j * s1], b = p[j * s0 + i * s1];
     nonfinite[lane] += (a - a) + (b - b);
-    largest[lane] = std::max(largest[lane], std::max(std::fabs(a), std::fabs(b)));
     asymmetry[lane] = std::max(asymmetry[lane], std::fabs(a - b));
   };
   const int64_t i1 = std::min(i0 + kTile, n);
@@ -51,7 +50,6 @@ CovSummary summarize_tile_row(const double* p, int64_t n, int64_t s0, int64_t s1
   CovSummary s;
   for (int lane = 0; lane < kLanes; ++lane) {
     s.finite = s.finite && nonfinite[lane] == 0.0;
-    s.largest = std::max(s.largest, largest[lane]);
     s.asymmetry = std::max(s.asymmetry, asymmetry[lane]);
   }
   return s;
@@ -67,12 +65,12 @@ CovSummary summarize_cpu(const at::Tensor& S) {
   CovSummary s;
   for (const CovSummary& r : rows) {
     s.finite = s.finite && r.finite;
-    s.largest = std::max(s.largest, r.largest);
     s.asymmetry = std::max(s.asymmetry, r.asymmetry);
   }
   for (int64_t i = 0; i < n; ++i) {
     const double d = p[i * (s0 + s1)];
     if (d < s.lowest) s.lowest = d, s.lowest_at = i;
+    s.largest = std::max(s.largest, d);
   }
   return s;
 }
@@ -80,7 +78,7 @@ CovSummary summarize_cpu(const at::Tensor& S) {
 CovSummary summarize_aten(const at::Tensor& S) {
   CovSummary s;
   if (!at::isfinite(S).all().item<bool>()) return {false};
-  s.largest = S.abs().max().item<double>();
+  s.largest = S.diagonal().max().item<double>();
   s.asymmetry = (S - S.t()).abs().max().item<double>();
   const at::Tensor diag = S.diagonal();
   s.lowest = diag.min().item<double>();
@@ -94,17 +92,29 @@ struct IndexSummary {
 };
 
 IndexSummary summarize_rows_cpu(const at::Tensor& rows) {
+  constexpr int64_t kChunk = 4096;
   const int64_t* p = rows.const_data_ptr<int64_t>();
   const int64_t P = rows.size(0), w = rows.size(1);
-  IndexSummary s{p[0], p[0], -1};
-  for (int64_t r = 0; r < P; ++r) {
-    const int64_t* row = p + r * w;
-    for (int64_t a = 0; a < w; ++a) {
-      s.lo = std::min(s.lo, row[a]);
-      s.hi = std::max(s.hi, row[a]);
-      for (int64_t b = a + 1; b < w && s.first_repeat < 0; ++b)
-        if (row[a] == row[b]) s.first_repeat = r;
+  std::vector<IndexSummary> chunks((P + kChunk - 1) / kChunk, IndexSummary{p[0], p[0], -1});
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      IndexSummary& s = chunks[c];
+      for (int64_t r = c * kChunk; r < std::min(P, (c + 1) * kChunk); ++r) {
+        const int64_t* row = p + r * w;
+        for (int64_t a = 0; a < w; ++a) {
+          s.lo = std::min(s.lo, row[a]);
+          s.hi = std::max(s.hi, row[a]);
+          for (int64_t b = a + 1; b < w && s.first_repeat < 0; ++b)
+            if (row[a] == row[b]) s.first_repeat = r;
+        }
+      }
     }
+  });
+  IndexSummary s = chunks[0];
+  for (const IndexSummary& c : chunks) {
+    s.lo = std::min(s.lo, c.lo);
+    s.hi = std::max(s.hi, c.hi);
+    if (s.first_repeat < 0) s.first_repeat = c.first_repeat;
   }
   return s;
 }
@@ -137,7 +147,7 @@ CheckedCovariance checked_covariance(const at::Tensor& cov, const char* op, cons
   const CovSummary s = S.is_cpu() ? summarize_cpu(S) : summarize_aten(S);
   CHANAXIS_CHECK(s.finite, op, name, " has NaN/Inf values");
   CHANAXIS_CHECK(s.asymmetry <= 1e-6 * s.largest, op, name, " must be symmetric, got |", name,
-                 " - ", name, "^T| up to ", s.asymmetry, " (largest entry ", s.largest, ")");
+                 " - ", name, "^T| up to ", s.asymmetry, " (largest variance ", s.largest, ")");
   CHANAXIS_CHECK(s.lowest >= 0.0, op, name, " has a negative variance on its diagonal (index ",
                  s.lowest_at, ": ", s.lowest, ")");
   at::Tensor var = S.diagonal().contiguous();

@@ -24,7 +24,7 @@ struct CheckedCovariance {
   }
 };
 
-// Checks that `cov` is a floating, finite, symmetric (to 1e-6 of its largest entry) [n, n] matrix
+// Checks that `cov` is a floating, finite, symmetric (to 1e-6 of its largest variance) [n, n] matrix
 // with n >= min_size and a non-negative diagonal, and returns it as float64 (no copy when it
 // already is) with the vectors the kernels read. `what` describes
 // the expected shape for the messages, e.g. "[C + 1, C + 1] (C >= 1 channels, then the target)".
