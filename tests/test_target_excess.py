@@ -327,6 +327,15 @@ def test_not_positive_semidefinite_input_stays_finite():
     assert (s2 >= 0).all()
 
 
+def test_peer_overlap_mean_of_many_duplicates_does_not_underflow():
+    # 300 copies of one channel: every R_X is the clipped maximum; a product of 299 factors
+    # (1 - 0.999^2) = 0.002 would underflow to 0 (log -> -inf) if it were taken in one go.
+    S = torch.full((300, 300), 2.0, dtype=torch.float64)
+    assert_close(ops.peer_overlap_mean(S), [MAX_R] * 300, rtol=1e-12, atol=0)
+    te, chosen = ops.target_excess(torch.ones(301, 301, dtype=torch.float64), partners=3, top=2)
+    assert chosen[5].tolist() == [0, 1, 2] and torch.isfinite(te).all()
+
+
 def test_single_channel_and_empty_pairs():
     S = t64([[2.0, 0.5], [0.5, 1.0]])
     te, chosen = ops.target_excess(S, partners=4, top=2)
