@@ -29,3 +29,28 @@ def _peer_hulls_fake(corr, max_size, eps, ridge):
 @torch.library.register_fake(_lib + "explained_variance")
 def _explained_variance_fake(corr, targets, peers, ridge):
     return corr.new_empty((targets.shape[0],), dtype=torch.float64)
+@torch.library.register_fake(_lib + "gaussian_mi_pairs")
+def _gaussian_mi_pairs_fake(cov, pairs):
+    return cov.new_empty((pairs.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "peer_overlap_mean")
+def _peer_overlap_mean_fake(cov):
+    return cov.new_empty((cov.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "pair_target_excess")
+def _pair_target_excess_fake(cov_t, pairs, jitter):
+    return cov_t.new_empty((pairs.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "triplet_target_excess")
+def _triplet_target_excess_fake(cov_t, triplets, jitter):
+    return cov_t.new_empty((triplets.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "target_excess")
+def _target_excess_fake(cov_t, partners, top, jitter):
+    C = cov_t.shape[0] - 1
+    return (cov_t.new_empty((C,), dtype=torch.float64),
+            cov_t.new_empty((C, partners), dtype=torch.int64))

@@ -4,8 +4,7 @@ Each wrapper only normalises its arguments (views, defaults) and calls the op; t
 and raises ``RuntimeError`` naming the argument. Results are float64 whatever the input dtype.
 """
 
-from typing import NamedTuple, Optional
-from typing import List, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -147,3 +146,105 @@ def explained_variance(corr: Tensor, targets: Tensor, peers: Tensor, *, ridge: f
         members of a hull equals its ``hull_ev[:, k - 1]``.
     """
     return _ops.explained_variance(corr, targets, peers, ridge)
+# ----------------------------------------------------------------------------- Gaussian MI
+# METHOD.md §3. Covariances: float16/bfloat16/float32/float64, symmetric (to 1e-6 of the largest
+# variance; only the upper triangle is read), finite, non-negative diagonal; computed in float64.
+# rho_ij = S_ij / sqrt(S_ii S_jj), 0 when a variance is 0 (constant channel), clipped to
+# [-0.999, 0.999]. Joint MI with the target uses `jitter` on the diagonal of every submatrix, S_TT
+# included, which makes it the exact MI of the Gaussian with covariance S + jitter * I: finite,
+# >= 0, at most 1/2 log((Var(T) + jitter) / jitter). See csrc/common/gaussian.h.
+
+
+class TargetExcess(NamedTuple):
+    """Per-channel target-excess and the partners it was computed over.
+
+    te: float64 [C]           TE(i), the mean of the `top` largest S2(i, j) over the partners j
+    partners: int64 [C, K]    the K = `partners` channels j != i of highest R_X(i, j), in
+                              decreasing R_X (ties: lower j first), -1 padded when C - 1 < K
+    """
+
+    te: Tensor
+    partners: Tensor
+
+
+def gaussian_mi_pairs(cov: Tensor, pairs: Tensor) -> Tensor:
+    """Peer overlap ``R_X(i, j) = -1/2 log(1 - rho_ij^2)`` of each pair (pairwise Gaussian MI, nats).
+
+    Args:
+        cov: Tensor[C, C], covariance of the channels (floating; computed in float64).
+        pairs: int64 Tensor[P, 2] of distinct channel indices in [0, C), on cov's device.
+
+    Returns:
+        float64 Tensor[P]. A pair with a constant channel has rho = 0, hence R_X = 0; |rho| >= 0.999
+        gives the maximum, -1/2 log(1 - 0.999^2) = 3.107.
+    """
+    return _ops.gaussian_mi_pairs(cov, pairs)
+
+
+def peer_overlap_mean(cov: Tensor) -> Tensor:
+    """Mean peer overlap ``mean_{j != i} R_X(i, j)`` of every channel, without a [C, C] matrix.
+
+    Args:
+        cov: Tensor[C, C], covariance of the channels (floating; computed in float64).
+
+    Returns:
+        float64 Tensor[C]; 0 when C = 1.
+    """
+    return _ops.peer_overlap_mean(cov)
+
+
+def pair_target_excess(cov_t: Tensor, pairs: Tensor, *, jitter: float = 1e-10) -> Tensor:
+    """Pair target-excess ``S2(i, j) = max(0, I(T; Y_i, Y_j) - max(I(T; Y_i), I(T; Y_j)))``.
+
+    ``I(T; Y_i, Y_j) = 1/2 log((S_TT + e) det(S_ij + e I) / det(S_Tij + e I))`` with closed-form 2x2
+    and 3x3 determinants, ``e = jitter``; ``I(T; Y_i) = -1/2 log(1 - rho_Ti^2)`` (clipped rho).
+
+    Args:
+        cov_t: Tensor[C + 1, C + 1], covariance of ``[Y_1..Y_C, T]`` with the target last.
+        pairs: int64 Tensor[P, 2] of distinct channel indices in [0, C) (index C is the target).
+        jitter: > 0, added to every diagonal entry of the submatrices.
+
+    Returns:
+        float64 Tensor[P], >= 0, the same for (i, j) and (j, i). Constant T gives 0. The single-channel
+        terms are clipped (at most 3.107 nats) while the joint term is not, so a channel with
+        |rho_Ti| > 0.999 gives every partner an excess of up to 1/2 log((S_TT + e) / e) - 3.107.
+    """
+    return _ops.pair_target_excess(cov_t, pairs, jitter)
+
+
+def triplet_target_excess(cov_t: Tensor, triplets: Tensor, *, jitter: float = 1e-10) -> Tensor:
+    """Triplet target-excess ``S3(i, j, k) = I(T; Y_i, Y_j, Y_k) - max over its pairs of I(T; pair)``.
+
+    Joint MIs as in :func:`pair_target_excess` (closed-form 3x3 and 4x4 determinants).
+
+    Args:
+        cov_t: Tensor[C + 1, C + 1], covariance of ``[Y_1..Y_C, T]`` with the target last.
+        triplets: int64 Tensor[P, 3] of distinct channel indices in [0, C).
+        jitter: > 0, added to every diagonal entry of the submatrices.
+
+    Returns:
+        float64 Tensor[P], the same for every order of a triplet. Not floored (METHOD.md does not
+        floor S3): all its terms come from one jittered matrix, so it is >= 0 up to rounding, and
+        tiny negative values are kept so that means stay unbiased.
+    """
+    return _ops.triplet_target_excess(cov_t, triplets, jitter)
+
+
+def target_excess(cov_t: Tensor, *, partners: int = 50, top: int = 10,
+                  jitter: float = 1e-10) -> TargetExcess:
+    """Per-channel target-excess ``TE(i)`` (METHOD.md §3), fused: no [C, C] matrix is formed.
+
+    For each channel i: the `partners` channels j != i of highest ``R_X(i, j)`` (from cov_t's channel
+    block; ties go to the lower index; all C - 1 peers when there are fewer), ``S2(i, j)`` of each
+    (as :func:`pair_target_excess`), and the mean of the `top` largest (of all of them when fewer).
+
+    Args:
+        cov_t: Tensor[C + 1, C + 1], covariance of ``[Y_1..Y_C, T]`` with the target last.
+        partners: >= 1, number of partners per channel.
+        top: >= 1, number of largest S2 values averaged.
+        jitter: > 0, as in :func:`pair_target_excess`.
+
+    Returns:
+        :class:`TargetExcess` ``(te float64 [C], partners int64 [C, partners])``; te = 0 when C = 1.
+    """
+    return TargetExcess(*_ops.target_excess(cov_t, partners, top, jitter))

@@ -26,6 +26,19 @@ TORCH_LIBRARY(chanaxis_fast, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // corr [C, C]; targets int64 [B]; peers int64 [B, K] (-1 = padding). Returns float64 [B].
   m.def("explained_variance(Tensor corr, Tensor targets, Tensor peers, float ridge) -> Tensor");
+
+  // Gaussian MI of covariances (METHOD.md §3). cov [C, C]; cov_t [C + 1, C + 1] with the target
+  // last; pairs [P, 2] / triplets [P, 3] int64 channel indices. Results float64.
+  // R_X(i, j) of each pair -> [P]
+  m.def("gaussian_mi_pairs(Tensor cov, Tensor pairs) -> Tensor");
+  // mean over j != i of R_X(i, j) -> [C]
+  m.def("peer_overlap_mean(Tensor cov) -> Tensor");
+  // S2 of each pair -> [P]
+  m.def("pair_target_excess(Tensor cov_t, Tensor pairs, float jitter) -> Tensor");
+  // S3 of each triplet -> [P]
+  m.def("triplet_target_excess(Tensor cov_t, Tensor triplets, float jitter) -> Tensor");
+  // (TE float64 [C], partners int64 [C, partners] in decreasing R_X, -1 padded)
+  m.def("target_excess(Tensor cov_t, int partners, int top, float jitter) -> (Tensor, Tensor)");
 }
 
 namespace {

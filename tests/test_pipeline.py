@@ -40,25 +40,26 @@ class BNNet(nn.Module):
 @pytest.fixture(scope="module")
 def trained_bnnet():
     torch.manual_seed(0)
-    ds = load_mnist("train", limit=3000)
+    ds = load_mnist("train", limit=5000)
     model = BNNet()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = torch.utils.data.DataLoader(ds, batch_size=100, shuffle=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=50, shuffle=True)
     model.train()
-    for x, y in loader:  # one epoch of 3000 images: well above chance
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    for _ in range(4):  # a few seconds: well above chance, far from converged
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
     model.eval()
     test = load_mnist("test", limit=1000)
     with torch.no_grad():
         acc = (model(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean().item()
-    assert acc > 0.6
+    assert acc > 0.5
     return model
 
 
 def test_every_metric_is_finite_for_every_layer_on_mnist(trained_bnnet):
-    ds = torch.utils.data.Subset(load_mnist("train"), range(3000, 3300))
+    ds = torch.utils.data.Subset(load_mnist("train"), range(5000, 5300))
     loader = torch.utils.data.DataLoader(ds, batch_size=64)
     cal = cf.calibrate(trained_bnnet, loader, rank_images=8, progress=False)
     assert cal.layers == ["conv1", "conv2", "conv3"]
