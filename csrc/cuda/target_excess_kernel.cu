@@ -23,11 +23,6 @@
 namespace chanaxis {
 namespace {
 
-using namespace gaussian;
-
-constexpr int kRowThreads = 256;
-// Per-channel rows loop over all C channels: small blocks spread a layer's C threads over more SMs.
-constexpr int kChannelThreads = 64;
 constexpr int64_t kMaxBlocks = 65535;
 
 template <class Row>
@@ -37,14 +32,19 @@ __global__ void rows_kernel(int64_t n, Row row) {
     row(r);
 }
 
-template <class Row>
-void launch_rows(int64_t n, int threads, const Row& row) {
-  if (n == 0) return;  // an empty grid is an invalid launch configuration
-  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, kMaxBlocks);
-  rows_kernel<Row><<<static_cast<unsigned>(blocks), threads, 0,
-                     c10::cuda::getCurrentCUDAStream()>>>(n, row);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// Cheap rows in blocks of 256; per-channel rows loop over all C channels, so small blocks spread a
+// layer's C threads over more SMs.
+struct CudaLaunch {
+  template <class Row>
+  void operator()(int64_t n, RowCost cost, const Row& row) const {
+    if (n == 0) return;  // an empty grid is an invalid launch configuration
+    const int threads = cost == RowCost::cheap ? 256 : 64;
+    const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, kMaxBlocks);
+    rows_kernel<Row><<<static_cast<unsigned>(blocks), threads, 0,
+                       c10::cuda::getCurrentCUDAStream()>>>(n, row);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 // The dispatcher picks these kernels when either tensor is on a GPU; guard that one, so that a
 // mismatch reaches the argument checks (which name both devices) instead of the guard.
@@ -52,82 +52,37 @@ c10::Device gpu_of(const at::Tensor& a, const at::Tensor& b) {
   return a.is_cuda() ? a.device() : b.device();
 }
 
-constexpr const char* kCovShape = "[C, C] (C >= 1 channels)";
-constexpr const char* kCovTShape = "[C + 1, C + 1] (C >= 1 channels, then the target)";
-
-}  // namespace
-
 at::Tensor gaussian_mi_pairs_cuda(const at::Tensor& cov, const at::Tensor& pairs) {
-  constexpr const char* op = "gaussian_mi_pairs";
   c10::cuda::CUDAGuard guard(gpu_of(cov, pairs));
-  const CheckedCovariance S = checked_covariance(cov, op, "cov", 1, kCovShape);
-  const at::Tensor rows = checked_index_rows(pairs, 2, S.size(), S.values, op, "pairs", false);
-  at::Tensor out = at::empty({rows.size(0)}, S.options());
-  launch_rows(rows.size(0), kRowThreads,
-              MiPairsRow{S.view(), rows.const_data_ptr<int64_t>(), out.data_ptr<double>()});
-  return out;
+  return gaussian_mi_pairs_run(cov, pairs, CudaLaunch());
 }
 
 at::Tensor peer_overlap_mean_cuda(const at::Tensor& cov) {
-  constexpr const char* op = "peer_overlap_mean";
   c10::cuda::CUDAGuard guard(cov.device());
-  const CheckedCovariance S = checked_covariance(cov, op, "cov", 1, kCovShape);
-  const int64_t C = S.size();
-  at::Tensor out = at::empty({C}, S.options());
-  launch_rows(C, kChannelThreads, PeerOverlapMeanRow{S.view(), out.data_ptr<double>()});
-  return out;
+  return peer_overlap_mean_run(cov, CudaLaunch());
 }
 
 at::Tensor pair_target_excess_cuda(const at::Tensor& cov_t, const at::Tensor& pairs,
                                    double jitter) {
-  constexpr const char* op = "pair_target_excess";
   c10::cuda::CUDAGuard guard(gpu_of(cov_t, pairs));
-  const CheckedCovariance S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
-  const int64_t C = S.size() - 1;
-  const at::Tensor rows = checked_index_rows(pairs, 2, C, S.values, op, "pairs", true);
-  check_jitter(jitter, op);
-  at::Tensor out = at::empty({rows.size(0)}, S.options());
-  launch_rows(rows.size(0), kRowThreads,
-              PairExcessRow{S.view(), rows.const_data_ptr<int64_t>(), jitter,
-                            out.data_ptr<double>()});
-  return out;
+  return target_excess_rows_run<gaussian::PairExcessRow>(cov_t, pairs, jitter, 2,
+                                                         "pair_target_excess", "pairs", CudaLaunch());
 }
 
 at::Tensor triplet_target_excess_cuda(const at::Tensor& cov_t, const at::Tensor& triplets,
                                       double jitter) {
-  constexpr const char* op = "triplet_target_excess";
   c10::cuda::CUDAGuard guard(gpu_of(cov_t, triplets));
-  const CheckedCovariance S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
-  const int64_t C = S.size() - 1;
-  const at::Tensor rows = checked_index_rows(triplets, 3, C, S.values, op, "triplets", true);
-  check_jitter(jitter, op);
-  at::Tensor out = at::empty({rows.size(0)}, S.options());
-  launch_rows(rows.size(0), kRowThreads,
-              TripletExcessRow{S.view(), rows.const_data_ptr<int64_t>(), jitter,
-                               out.data_ptr<double>()});
-  return out;
+  return target_excess_rows_run<gaussian::TripletExcessRow>(
+      cov_t, triplets, jitter, 3, "triplet_target_excess", "triplets", CudaLaunch());
 }
 
 std::tuple<at::Tensor, at::Tensor> target_excess_cuda(const at::Tensor& cov_t, int64_t partners,
                                                       int64_t top, double jitter) {
-  constexpr const char* op = "target_excess";
   c10::cuda::CUDAGuard guard(cov_t.device());
-  const CheckedCovariance S = checked_covariance(cov_t, op, "cov_t", 2, kCovTShape);
-  check_at_least_one(partners, op, "partners");
-  check_at_least_one(top, op, "top");
-  check_jitter(jitter, op);
-  const int64_t C = S.size() - 1;
-  const int64_t top_cap = std::min(top, partners);
-  at::Tensor te = at::empty({C}, S.options());
-  at::Tensor chosen = at::empty({C, partners}, S.options().dtype(at::kLong));
-  at::Tensor keys = at::empty({C, partners}, S.options());
-  at::Tensor best = at::empty({C, top_cap}, S.options());
-  launch_rows(C, kChannelThreads,
-              TargetExcessRow{S.view(), partners, top_cap, jitter, keys.data_ptr<double>(),
-                              best.data_ptr<double>(), chosen.data_ptr<int64_t>(),
-                              te.data_ptr<double>()});
-  return {te, chosen};
+  return target_excess_run(cov_t, partners, top, jitter, CudaLaunch());
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(chanaxis_fast, CUDA, m) {
   m.impl("gaussian_mi_pairs", &gaussian_mi_pairs_cuda);
