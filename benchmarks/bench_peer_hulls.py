@@ -14,12 +14,16 @@ meaningless (10-40x slower at random).
 """
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
-from chanaxis_fast import ops, reference
-from chanaxis_fast.reference import _full_explained_variance, _hull_of_channel, _ridged
+sys.path.insert(0, os.path.dirname(__file__))
+from chanaxis_fast import ops, reference  # noqa: E402
+from chanaxis_fast.reference import _full_explained_variance, _hull_of_channel, _ridged  # noqa: E402
+from common import timeit  # noqa: E402
 
 
 def correlation(C, seed=0):
@@ -31,22 +35,9 @@ def correlation(C, seed=0):
     return torch.corrcoef(X.T)
 
 
-def best_time(f, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        f()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_hulls(C, ref_channels, device, max_size=10, eps=0.05, ridge=1e-3):
     P = correlation(C).to(device)
-    ours = best_time(lambda: ops.peer_hulls(P, max_size=max_size, eps=eps, ridge=ridge), 3)
+    ours = timeit(lambda: ops.peer_hulls(P, max_size=max_size, eps=eps, ridge=ridge), repeat=3)
     h = ops.peer_hulls(P, max_size=max_size, eps=eps, ridge=ridge)
 
     t0 = time.perf_counter()
@@ -75,7 +66,7 @@ def bench_explained_variance(C, device, K=10, ref_rows=512, ridge=1e-3):
     h = ops.peer_hulls(P, max_size=K, eps=0.0, ridge=ridge)
     targets = torch.arange(C, device=device)
     peers = h.hull_members
-    ours = best_time(lambda: ops.explained_variance(P, targets, peers, ridge=ridge), 5)
+    ours = timeit(lambda: ops.explained_variance(P, targets, peers, ridge=ridge), repeat=5)
     e = ops.explained_variance(P, targets, peers, ridge=ridge)
     rows = torch.linspace(0, C - 1, min(C, ref_rows)).round().long().unique()
     t0 = time.perf_counter()
@@ -93,7 +84,7 @@ def bench_explained_variance(C, device, K=10, ref_rows=512, ridge=1e-3):
         rhs = A[targets[:, None], idx] * valid
         return (rhs * torch.linalg.solve(M, rhs[..., None])[..., 0]).sum(1).clamp(0, 1)
 
-    torch_batched = best_time(batched_solve, 5)
+    torch_batched = timeit(batched_solve, repeat=5)
     agree &= torch.allclose(batched_solve(), e, rtol=0, atol=1e-10)
     return dict(C=C, B=C, K=K, ref=ref, timed=len(rows), batched=torch_batched, ours=ours, agree=agree)
 

@@ -58,8 +58,8 @@ def register_metric(name: str, *, needs: Sequence[str] = (), kind: str = "custom
         if name in _REGISTRY and not replace:
             raise ValueError(f"register_metric: a metric named {name!r} exists already "
                              f"(pass replace=True to override it)")
-        _REGISTRY[name] = MetricSpec(name, fn, tuple(needs), kind, summary, direction,
-                                     (fn.__doc__ or "").strip().split("\n")[0])
+        summary_line = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+        _REGISTRY[name] = MetricSpec(name, fn, tuple(needs), kind, summary, direction, summary_line)
         return fn
 
     return deco
