@@ -102,6 +102,8 @@ def cmd_run(args):
     except ValueError as e:
         raise SystemExit(f"chanaxis-fast run: {e}")
     model, image_size = _load_model(args.model, args.weights, args.num_classes, args.image_size)
+    if args.device:
+        model = model.to(args.device)
     subset = _load_data(args.data, args.images, args.seed, image_size)
     out = args.out or os.path.join("runs", f"{args.model.split(':')[-1]}-{args.data.split(':')[0]}")
     os.makedirs(out, exist_ok=True)
