@@ -87,9 +87,10 @@ def write_report(scores, calibration, out_dir, info) -> str:
         _table(["layer", "C", "mean I_X", "mean I(T;Y)", "rho(I_X, I(T;Y))", "mean E_full",
                 "mean |H|", "sat. %", "S3/S2"], rows),
         "",
-        f"Pooled cross-axis Spearman rho over all {sum(len(a) for a in ix_all)} channels: {_fmt(pooled)}.",
-        "",
     ]
+    if ix_all:
+        parts += [f"Pooled cross-axis Spearman rho over all {sum(len(a) for a in ix_all)} channels: "
+                  f"{_fmt(pooled)}.", ""]
     names, mat = criteria_similarity(scores)
     if len(names) > 1:
         short = [n.split("(")[0] for n in names]
