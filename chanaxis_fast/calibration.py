@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .graph import ModelGraph, trace_model
-from .stats import ChannelStats, StatsFileError, atomic_save, read_state
+from .stats import ChannelStats, StatsFileError, atomic_save, check_header, read_state
 
 _FORMAT = "chanaxis_fast.Calibration"
 _PATCH_FORMAT = "chanaxis_fast.PatchStats"
@@ -182,10 +182,7 @@ class PatchStats:
         return state
 
     def load_state_dict(self, state: dict, who: str = "PatchStats.load_state_dict") -> "PatchStats":
-        if not isinstance(state, dict) or state.get("format") != _PATCH_FORMAT:
-            raise StatsFileError(f"{who}: not a chanaxis_fast PatchStats state")
-        if state.get("version") != _VERSION:
-            raise StatsFileError(f"{who}: format version {state.get('version')}, expected {_VERSION}")
+        check_header(state, _PATCH_FORMAT, _VERSION, who, "PatchStats", "recalibrate")
         body = {k: v for k, v in state.items() if k != "checksum"}
         try:
             count, mean, M = state["count"], state["mean"], state["comoment"]
@@ -457,12 +454,7 @@ class Calibration:
     @classmethod
     def from_state_dict(cls, state: dict, device=None, who: str = "Calibration.from_state_dict"
                         ) -> "Calibration":
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise StatsFileError(f"{who}: not a chanaxis_fast Calibration (format "
-                                 f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
-        if state.get("version") != _VERSION:
-            raise StatsFileError(f"{who}: written by format version {state.get('version')}, this is "
-                                 f"chanaxis_fast with version {_VERSION}; recalibrate")
+        check_header(state, _FORMAT, _VERSION, who, "Calibration", "recalibrate")
         if state.get("checksum") != _digest({k: v for k, v in state.items() if k != "checksum"}):
             raise StatsFileError(f"{who}: checksum mismatch, the calibration is corrupt")
         dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -233,13 +233,18 @@ def load_checked(path, who: str) -> dict:
     return state
 
 
-def _validate(state, who: str):
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise StatsFileError(f"{who}: not a chanaxis_fast ChannelStats state (format "
+def check_header(state, fmt: str, version: int, who: str, what: str, remedy: str):
+    """StatsFileError unless ``state`` is a dict of format ``fmt`` written by format ``version``."""
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise StatsFileError(f"{who}: not a chanaxis_fast {what} state (format "
                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
-    if state.get("version") != _VERSION:
+    if state.get("version") != version:
         raise StatsFileError(f"{who}: written by format version {state.get('version')}, this is "
-                             f"chanaxis_fast with version {_VERSION}; recompute the statistics")
+                             f"chanaxis_fast with version {version}; {remedy}")
+
+
+def _validate(state, who: str):
+    check_header(state, _FORMAT, _VERSION, who, "ChannelStats", "recompute the statistics")
     try:
         C, has_t, count = int(state["num_channels"]), bool(state["has_target"]), int(state["count"])
         mean, comoment = state["mean"], state["comoment"]
