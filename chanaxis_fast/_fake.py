@@ -17,11 +17,12 @@ def _channel_moments_fake(x, target, positions, mode, channel_dim, skip_nonfinit
 def _peer_hulls_fake(corr, max_size, eps, ridge):
     total = sum(c.shape[0] for c in corr)
     device = corr[0].device
+    width = max(1, min(max_size, max(c.shape[0] for c in corr) - 1))
     return (
         torch.empty((total,), dtype=torch.float64, device=device),
         torch.empty((total,), dtype=torch.int64, device=device),
-        torch.empty((total, max_size), dtype=torch.int64, device=device),
-        torch.empty((total, max_size), dtype=torch.float64, device=device),
+        torch.empty((total, width), dtype=torch.int64, device=device),
+        torch.empty((total, width), dtype=torch.float64, device=device),
         torch.empty((total,), dtype=torch.bool, device=device),
     )
 
@@ -52,5 +53,6 @@ def _triplet_target_excess_fake(cov_t, triplets, jitter):
 @torch.library.register_fake(_lib + "target_excess")
 def _target_excess_fake(cov_t, partners, top, jitter):
     C = cov_t.shape[0] - 1
+    partners = min(partners, max(1, C - 1))
     return (cov_t.new_empty((C,), dtype=torch.float64),
             cov_t.new_empty((C, partners), dtype=torch.int64))

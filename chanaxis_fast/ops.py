@@ -64,8 +64,9 @@ class Hulls(NamedTuple):
 
     e_full: float64 [C]                  E_full(i) = E_i(all other channels), in [0, 1]
     hull_size: int64 [C]                 |H_i|, 0 .. max_size
-    hull_members: int64 [C, max_size]    the peers of H_i in the order they were selected, then -1
-    hull_ev: float64 [C, max_size]       E_i after each step (non-decreasing), then NaN
+    hull_members: int64 [C, W]           the peers of H_i in the order they were selected, then -1
+    hull_ev: float64 [C, W]              E_i after each step (non-decreasing), then NaN
+    (W = max(1, min(max_size, C_max - 1)), C_max the largest layer of the call)
     saturated: bool [C]                  |H_i| = max_size and E_i(H_i) < (1 - eps) * E_full(i)
     """
 
@@ -99,7 +100,9 @@ def peer_hulls(
             diagonal, no NaN), e.g. ``ChannelStats.correlation()`` (a constant channel is a row
             and column of 0 with 1 on the diagonal); or a list of them, one per layer, of any
             sizes, on one device: the whole list is processed in one call of the op.
-        max_size: the largest hull (>= 1).
+        max_size: the largest hull (>= 1). Larger than the largest layer's ``C - 1`` is clamped to
+            it (``max(1, C_max - 1)`` columns in ``hull_members`` / ``hull_ev``): no hull can be
+            larger, so the results are the same.
         eps: tolerance in [0, 1): a hull is complete at ``(1 - eps) * E_full``.
         ridge: lambda >= 0 added to the diagonal. ``ridge = 0`` needs ``corr`` positive definite.
 
@@ -122,7 +125,8 @@ def peer_hulls(
         return Hulls(*_ops.peer_hulls([corr], max_size, eps, ridge))
     corr = list(corr)
     if not corr:
-        return []
+        raise ValueError("peer_hulls: corr must be a matrix or a non-empty list of matrices, got an "
+                         "empty list")
     flat = _ops.peer_hulls(corr, max_size, eps, ridge)
     sizes = [c.shape[0] for c in corr]
     return [Hulls(*parts) for parts in zip(*(t.split(sizes) for t in flat))]
@@ -240,7 +244,8 @@ def target_excess(cov_t: Tensor, *, partners: int = 50, top: int = 10,
 
     Args:
         cov_t: Tensor[C + 1, C + 1], covariance of ``[Y_1..Y_C, T]`` with the target last.
-        partners: >= 1, number of partners per channel.
+        partners: >= 1, number of partners per channel; more than ``C - 1`` is clamped to
+            ``max(1, C - 1)`` (every peer is a partner then; the output has that many columns).
         top: >= 1, number of largest S2 values averaged.
         jitter: > 0, as in :func:`pair_target_excess`.
 

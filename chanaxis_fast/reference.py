@@ -115,13 +115,13 @@ def _hull_of_channel(A: Tensor, i: int, e_full: float, max_size: int, eps: float
         path.append(min(max(E, 0.0), 1.0))
 
 
-def _peer_hulls_layer(corr: Tensor, max_size: int, eps: float, ridge: float) -> Hulls:
+def _peer_hulls_layer(corr: Tensor, max_size: int, eps: float, ridge: float, width: int) -> Hulls:
     P, A = _ridged(corr, ridge)
     C = P.shape[0]
     e_full = _full_explained_variance(A)
     size = torch.zeros(C, dtype=torch.long)
-    members = torch.full((C, max_size), -1, dtype=torch.long)
-    path = torch.full((C, max_size), float("nan"), dtype=torch.float64)
+    members = torch.full((C, width), -1, dtype=torch.long)
+    path = torch.full((C, width), float("nan"), dtype=torch.float64)
     saturated = torch.zeros(C, dtype=torch.bool)
     for i in range(C):
         m, p, s = _hull_of_channel(A, i, float(e_full[i]), max_size, eps)
@@ -141,9 +141,14 @@ def peer_hulls(
     ridge: float = 1e-3,
 ) -> Union[Hulls, List[Hulls]]:
     """Reference of :func:`chanaxis_fast.ops.peer_hulls`: one batched solve per step and channel."""
-    if isinstance(corr, Tensor):
-        return _peer_hulls_layer(corr, max_size, eps, ridge)
-    return [_peer_hulls_layer(c, max_size, eps, ridge) for c in corr]
+    single = isinstance(corr, Tensor)
+    corr = [corr] if single else list(corr)
+    if not corr:
+        raise ValueError("peer_hulls: corr must be a matrix or a non-empty list of matrices, got an "
+                         "empty list")
+    width = min(max_size, max(1, max(c.shape[0] for c in corr) - 1))  # the op clamps max_size
+    out = [_peer_hulls_layer(c, max_size, eps, ridge, width) for c in corr]
+    return out[0] if single else out
 
 
 def explained_variance(corr: Tensor, targets: Tensor, peers: Tensor, *, ridge: float = 1e-3) -> Tensor:
@@ -243,6 +248,6 @@ def target_excess(cov_t: Tensor, *, partners: int = 50, top: int = 10,
         own = torch.arange(C, device=S.device)[:, None].expand(C, K)
         s2 = pair_target_excess(S, torch.stack([own, chosen], dim=2).reshape(-1, 2), jitter=jitter)
         te = s2.reshape(C, K).topk(min(top, K), dim=1).values.mean(1)
-    padded = chosen.new_full((C, partners), -1)
+    padded = chosen.new_full((C, min(partners, max(1, C - 1))), -1)  # the op clamps partners
     padded[:, :K] = chosen
     return TargetExcess(te, padded)

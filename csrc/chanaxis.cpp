@@ -19,8 +19,8 @@ TORCH_LIBRARY(chanaxis_fast, m) {
   // corr: a list of L correlation matrices [C_l, C_l] (float32/float64, one device), processed in
   // one launch. Outputs are concatenated over the layers (sum C_l rows, member indices local to
   // each layer): (e_full float64 [sum C_l], hull_size int64 [sum C_l], hull_members int64
-  // [sum C_l, max_size] (-1 padded), hull_ev float64 [sum C_l, max_size] (NaN padded),
-  // saturated bool [sum C_l]).
+  // [sum C_l, W] (-1 padded), hull_ev float64 [sum C_l, W] (NaN padded), saturated bool
+  // [sum C_l]), W = max(1, min(max_size, max_l C_l - 1)).
   m.def(
       "peer_hulls(Tensor[] corr, int max_size, float eps, float ridge) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");

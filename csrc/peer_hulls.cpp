@@ -148,6 +148,9 @@ HullsPlan plan_peer_hulls(at::TensorList corr, int64_t max_size, double eps, dou
     plan.max_C = std::max(plan.max_C, C);
   }
   plan.max_steps = std::min(max_size, plan.max_C - 1);
+  // No hull holds more than max_C - 1 peers: the outputs are that wide (at least 1), so a huge
+  // max_size allocates nothing huge; max_size itself still decides saturation.
+  plan.width = std::max<int64_t>(1, plan.max_steps);
   plan.P_all = at::cat(mats);
   plan.layers = layers.to(device);
   plan.e_full = at::cat(e_full);
@@ -158,8 +161,8 @@ HullsOutputs make_hulls_outputs(const HullsPlan& plan) {
   const auto f64 = plan.e_full.options();
   return {plan.e_full,
           at::zeros({plan.total}, f64.dtype(at::kLong)),
-          at::full({plan.total, plan.max_size}, -1, f64.dtype(at::kLong)),
-          at::full({plan.total, plan.max_size}, std::numeric_limits<double>::quiet_NaN(), f64),
+          at::full({plan.total, plan.width}, -1, f64.dtype(at::kLong)),
+          at::full({plan.total, plan.width}, std::numeric_limits<double>::quiet_NaN(), f64),
           at::zeros({plan.total}, f64.dtype(at::kBool))};
 }
 

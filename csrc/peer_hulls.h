@@ -22,6 +22,7 @@ struct HullsPlan {
   int64_t max_C = 0;
   int64_t max_size = 0;
   int64_t max_steps = 0;  // min(max_size, max_C - 1): the most peers any hull can take
+  int64_t width = 0;      // max(1, max_steps): columns of hull_members / hull_ev
   double eps = 0.0;
   double ridge = 0.0;
 };

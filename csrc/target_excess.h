@@ -97,6 +97,8 @@ std::tuple<at::Tensor, at::Tensor> target_excess_run(const at::Tensor& cov_t, in
   check_at_least_one(top, op, "top");
   check_jitter(jitter, op);
   const int64_t C = S.size() - 1;
+  // more partners than peers only pads: clamp, so that a huge request allocates nothing huge
+  partners = std::min(partners, std::max<int64_t>(1, C - 1));
   const int64_t top_cap = std::min(top, partners);
   at::Tensor te = at::empty({C}, S.options());
   at::Tensor chosen = at::empty({C, partners}, S.options().dtype(at::kLong));

@@ -52,8 +52,9 @@ def np_hulls(P, max_size=10, eps=0.05, ridge=1e-3):
     e_full = np.clip(e_full, 0.0, 1.0)
     e_full[e_full < 1e-12] = 0.0
     size = np.zeros(C, dtype=np.int64)
-    members = -np.ones((C, max_size), dtype=np.int64)
-    path = np.full((C, max_size), np.nan)
+    width = max(1, min(max_size, C - 1))  # no hull holds more than C - 1 peers
+    members = -np.ones((C, width), dtype=np.int64)
+    path = np.full((C, width), np.nan)
     saturated = np.zeros(C, dtype=bool)
     for i in range(C):
         S, E = [], 0.0
@@ -173,10 +174,34 @@ def test_batch_of_layers_equals_separate_calls():
     assert isinstance(batch, list) and len(batch) == 4
     for P, h in zip(layers, batch):
         one = ops.peer_hulls(P, max_size=6)
+        # the batch is as wide as its largest layer allows (6 here); a lone layer of C channels
+        # max(1, min(6, C - 1)) columns, the rest is padding
+        w = one.hull_members.shape[1]
+        assert w == max(1, min(6, P.shape[0] - 1))
         assert h.e_full.shape == (P.shape[0],) and h.hull_members.shape == (P.shape[0], 6)
+        assert (h.hull_members[:, w:] == -1).all() and torch.isnan(h.hull_ev[:, w:]).all()
         for a, b in zip(h, one):
+            if a.dim() == 2:
+                a = a[:, :w]
             assert torch.equal(a, b) if a.dtype != torch.float64 else torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)
-    assert ops.peer_hulls([]) == []
+    with pytest.raises(ValueError, match="peer_hulls: corr must be a matrix or a non-empty list"):
+        ops.peer_hulls([])
+    with pytest.raises(ValueError, match="peer_hulls: corr must be a matrix or a non-empty list"):
+        reference.peer_hulls([])
+
+
+@pytest.mark.parametrize("impl", ["ops", "reference"])
+def test_huge_max_size_is_clamped_to_the_peers_there_are(impl):
+    f = ops.peer_hulls if impl == "ops" else reference.peer_hulls
+    P = corr_of(data(100, 8, rank=2, seed=3))
+    huge = f(P, max_size=10**12)  # would be a 64 TB allocation unclamped
+    assert huge.hull_members.shape == (8, 7)
+    seven = f(P, max_size=7)
+    for name in ("e_full", "hull_size", "hull_members"):
+        assert torch.equal(getattr(huge, name), getattr(seven, name)), name
+    # a hull that takes every peer stops because none is left: saturated only when max_size says so
+    assert not huge.saturated[huge.hull_size < 7].any()
+    assert not (huge.saturated & (huge.hull_size == 7)).any()
 
 
 def test_output_conventions():
@@ -215,7 +240,7 @@ def test_fewer_peers_than_max_size():
 def test_single_channel_layer():
     h = ops.peer_hulls(torch.ones(1, 1), max_size=3)
     assert h.e_full.tolist() == [0.0] and h.hull_size.tolist() == [0]
-    assert h.hull_members.tolist() == [[-1, -1, -1]] and torch.isnan(h.hull_ev).all()
+    assert h.hull_members.tolist() == [[-1]] and torch.isnan(h.hull_ev).all()  # one column: no peer
     assert not h.saturated.any()
 
 

@@ -49,7 +49,7 @@ def np_s3(S, i, j, k, jitter=E):
 
 def np_target_excess(S, partners, top, jitter=E):
     C = S.shape[0] - 1
-    te, chosen = np.zeros(C), -np.ones((C, partners), dtype=np.int64)
+    te, chosen = np.zeros(C), -np.ones((C, min(partners, max(1, C - 1))), dtype=np.int64)  # clamped to the peers
     for i in range(C):
         peers = np.array([j for j in range(C) if j != i], dtype=np.int64)
         r = np.array([np_pair_mi(S, i, j) for j in peers])
@@ -135,7 +135,7 @@ def test_target_excess_matches_brute_force(device, C, partners, top):
     te, chosen = ops.target_excess(t64(S).to(device), partners=partners, top=top)
     exp_te, exp_chosen = np_target_excess(S, partners, top)
     assert te.shape == (C,) and te.dtype == torch.float64
-    assert chosen.shape == (C, partners) and chosen.dtype == torch.int64
+    assert chosen.shape == (C, min(partners, max(1, C - 1))) and chosen.dtype == torch.int64
     assert np.array_equal(chosen.cpu().numpy(), exp_chosen)
     assert_close(te, exp_te, rtol=1e-9, atol=1e-12)
     ref = reference.target_excess(t64(S), partners=partners, top=top)
@@ -176,7 +176,7 @@ def test_hand_worked_pair_example():
     assert_close(ops.gaussian_mi_pairs(S[:2, :2], pair), [0.0], atol=0, rtol=0)
     te, chosen = ops.target_excess(S, partners=5, top=3)
     assert_close(te, [0.5 * math.log(2)] * 2, rtol=1e-9, atol=0)
-    assert chosen.tolist() == [[1, -1, -1, -1, -1], [0, -1, -1, -1, -1]]
+    assert chosen.tolist() == [[1], [0]]  # partners=5 clamped to the one peer there is
 
 
 def test_hand_worked_triplet_example():
@@ -339,7 +339,7 @@ def test_peer_overlap_mean_of_many_duplicates_does_not_underflow():
 def test_single_channel_and_empty_pairs():
     S = t64([[2.0, 0.5], [0.5, 1.0]])
     te, chosen = ops.target_excess(S, partners=4, top=2)
-    assert te.tolist() == [0.0] and chosen.tolist() == [[-1, -1, -1, -1]]
+    assert te.tolist() == [0.0] and chosen.tolist() == [[-1]]  # no peer: one padding column
     assert ops.peer_overlap_mean(S[:1, :1]).tolist() == [0.0]
     empty2, empty3 = torch.empty(0, 2, dtype=torch.long), torch.empty(0, 3, dtype=torch.long)
     assert ops.pair_target_excess(S, empty2).shape == (0,)

@@ -70,8 +70,8 @@ HullsOutputs peer_hulls_cpu(at::TensorList corr, int64_t max_size, double eps, d
     std::vector<double> scratch(hull::scratch_doubles(plan.max_steps, plan.max_C));
     for (int64_t t = t0; t < t1; ++t) {
       const hull::HullTarget T = hull::locate_target(P_all, layers, plan.num_layers, t);
-      peer_hulls_target(T, e_full[t], plan, scratch.data(), members + t * max_size,
-                        ev + t * max_size, hull_size[t], saturated[t]);
+      peer_hulls_target(T, e_full[t], plan, scratch.data(), members + t * plan.width,
+                        ev + t * plan.width, hull_size[t], saturated[t]);
     }
   });
   return out;

@@ -38,6 +38,7 @@ struct MinOp {
 __global__ void __launch_bounds__(kThreads) peer_hulls_kernel(
     const double* __restrict__ P_all, const int64_t* __restrict__ layers, int64_t num_layers,
     const double* __restrict__ e_full, int64_t total, int64_t max_size, int64_t max_steps,
+    int64_t width,
     double eps, double ridge, double* __restrict__ scratch, int64_t slot_doubles,
     int64_t* __restrict__ hull_size, int64_t* __restrict__ members, double* __restrict__ ev,
     bool* __restrict__ saturated) {
@@ -81,8 +82,8 @@ __global__ void __launch_bounds__(kThreads) peer_hulls_kernel(
       for (int64_t j = threadIdx.x; j < C; j += kThreads) hull::hull_downdate(T, uk, s, j, c, v);
       const double e = st.add(gain);
       if (threadIdx.x == 0) {
-        members[t * max_size + st.size - 1] = s;
-        ev[t * max_size + st.size - 1] = e;
+        members[t * width + st.size - 1] = s;
+        ev[t * width + st.size - 1] = e;
       }
       __syncthreads();  // c, v complete before the next step's gains
     }
@@ -107,7 +108,7 @@ HullsOutputs peer_hulls_cuda(at::TensorList corr, int64_t max_size, double eps, 
                       c10::cuda::getCurrentCUDAStream()>>>(
       plan.P_all.const_data_ptr<double>(), plan.layers.const_data_ptr<int64_t>(),
       plan.num_layers, plan.e_full.const_data_ptr<double>(), plan.total, plan.max_size,
-      plan.max_steps, plan.eps, plan.ridge, scratch.data_ptr<double>(), slot,
+      plan.max_steps, plan.width, plan.eps, plan.ridge, scratch.data_ptr<double>(), slot,
       std::get<1>(out).data_ptr<int64_t>(), std::get<2>(out).data_ptr<int64_t>(),
       std::get<3>(out).data_ptr<double>(), std::get<4>(out).data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
