@@ -342,14 +342,19 @@ def test_random_is_reproducible_and_differs_across_layers_and_seeds(resnet):
 
 
 @pytest.mark.parametrize("spec,match", [
-    ("magnitude(group_reduction='median')", r"group_reduction 'median'; valid: mean, sum, max, prod, first, gate"),
-    ("magnitude(normalizer='zscore')", r"normalizer 'zscore'; valid: mean, sum, max, standardization, "
-                                      r"gaussian, lamp, None"),
-    ("magnitude(normalizer='standarization')", r"unknown normalizer"),
-    ("magnitude(p=0)", r"p must be > 0"),
-    ("magnitude(p=-1)", r"p must be > 0"),
-    ("magnitude(p='2')", r"p must be > 0"),
-    ("random(seed=1.5)", r"seed must be an int"),
+    ("magnitude(group_reduction='median')", r"group_reduction must be one of 'mean', 'sum', 'max', "
+                                            r"'prod', 'first', 'gate', got 'median'"),
+    ("magnitude(normalizer='zscore')", r"normalizer must be one of 'mean', 'sum', 'max', "
+                                      r"'standardization', 'gaussian', 'lamp', None, got 'zscore'"),
+    ("magnitude(normalizer='standarization')", r"normalizer must be one of"),
+    ("magnitude(p=0)", r"p must be a finite number > 0, got 0"),
+    ("magnitude(p=-1)", r"p must be a finite number > 0"),
+    ("magnitude(p='2')", r"p must be a finite number > 0, got '2'"),
+    ("magnitude(p='x')", r"p must be a finite number > 0, got 'x'"),
+    ("magnitude(bias=1)", r"bias must be of type bool"),
+    ("magnitude(q=1)", r"unknown parameter 'q'; magnitude takes p=2, group_reduction='mean'"),
+    ("random(seed=1.5)", r"seed must be an int or None, got 1.5"),
+    ("fermat(max_iter=0)", r"max_iter must be an int >= 1, got 0"),
 ])
 def test_bad_parameters(spec, match):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))

@@ -4,10 +4,10 @@ Importing this package registers every built-in metric.
 """
 
 from .registry import (MetricContext, MetricSpec, MissingInputError, Scores, available_metrics,
-                       get_metric, minmax, parse_metric, register_metric, score)
+                       check_metric, get_metric, minmax, parse_metric, register_metric, score)
 
 __all__ = ["MetricContext", "MetricSpec", "MissingInputError", "Scores", "available_metrics",
-           "get_metric", "minmax", "parse_metric", "register_metric", "score"]
+           "check_metric", "get_metric", "minmax", "parse_metric", "register_metric", "score"]
 
 # importing these registers the built-in metrics
 from . import activations  # noqa: E402,F401  (data-based baselines)

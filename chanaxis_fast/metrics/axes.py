@@ -15,7 +15,20 @@ from torch import Tensor
 
 from .. import ops
 from ..stats import correlation_from_covariance
-from .registry import MissingInputError, minmax, register_metric
+from .registry import (INT, INT_AT_LEAST_1, NONNEGATIVE, NUMBER, UNIT_INTERVAL, MissingInputError,
+                       check_metric, minmax, register_metric)
+
+_HULL = dict(max_size=INT_AT_LEAST_1, eps=UNIT_INTERVAL, ridge=NONNEGATIVE)
+_SYNERGY = dict(partners=INT_AT_LEAST_1, triplets_per_channel=INT_AT_LEAST_1, seed=INT)
+
+
+def _valid_spec(v) -> bool:
+    try:
+        check_metric(v)
+        return True
+    except ValueError:
+        return False
+
 
 _CLIP = 0.999  # METHOD §3: every correlation is clipped to [-0.999, 0.999] before a log
 
@@ -74,25 +87,25 @@ def _hulls(ctx, layer, max_size, eps, ridge):
     return hulls[layer]
 
 
-@register_metric("e_full", needs=("stats",), kind="local", direction=-1)
+@register_metric("e_full", needs=("stats",), kind="local", direction=-1, checks=dict(ridge=NONNEGATIVE))
 def e_full(ctx, layer, ridge=1e-3):
     """E_full(i): variance of channel i explained by all its peers (ridge 1e-3), in [0, 1]."""
     return _hulls(ctx, layer, 10, 0.05, ridge).e_full
 
 
-@register_metric("hull_size", needs=("stats",), kind="local")
+@register_metric("hull_size", needs=("stats",), kind="local", checks=_HULL)
 def hull_size(ctx, layer, max_size=10, eps=0.05, ridge=1e-3):
     """|H_i|: peers needed to explain (1 - eps) of E_full(i), greedily (at most max_size)."""
     return _hulls(ctx, layer, max_size, eps, ridge).hull_size.double()
 
 
-@register_metric("compact_hull", needs=("stats",), kind="local", direction=-1)
+@register_metric("compact_hull", needs=("stats",), kind="local", direction=-1, checks=_HULL)
 def compact_hull(ctx, layer, max_size=10, eps=0.05, ridge=1e-3):
     """h_i = E_full(i) / max(1, |H_i|): replaceable by few peers (higher = more removable)."""
     return _hulls(ctx, layer, max_size, eps, ridge).compact_score
 
 
-@register_metric("saturated", needs=("stats",), kind="local")
+@register_metric("saturated", needs=("stats",), kind="local", checks=_HULL)
 def saturated(ctx, layer, max_size=10, eps=0.05, ridge=1e-3):
     """1 where the hull stopped at max_size below (1 - eps) E_full, else 0."""
     return _hulls(ctx, layer, max_size, eps, ridge).saturated.double()
@@ -114,7 +127,8 @@ def _target_excess(ctx, layer, partners, top):
                       lambda: ops.target_excess(cov, partners=partners, top=top))
 
 
-@register_metric("target_excess", needs=("stats", "target"), kind="target")
+@register_metric("target_excess", needs=("stats", "target"), kind="target",
+                 checks=dict(partners=INT_AT_LEAST_1, top=INT_AT_LEAST_1))
 def target_excess(ctx, layer, partners=50, top=10):
     """TE(i): mean of the `top` largest S2(i, j) over the `partners` peers of highest R_X(i, j)."""
     return _target_excess(ctx, layer, partners, top).te
@@ -148,20 +162,23 @@ def _synergy(ctx, layer, partners, triplets_per_channel, seed):
     return ctx.cached(("synergy", layer, partners, triplets_per_channel, seed), compute)
 
 
-@register_metric("s2_mean", needs=("stats", "target"), kind="target", summary=True)
+@register_metric("s2_mean", needs=("stats", "target"), kind="target", summary=True,
+                 checks=_SYNERGY)
 def s2_mean(ctx, layer, partners=50, triplets_per_channel=20, seed=0):
     """Layer summary: mean S2(i, j) over every channel i and its `partners` top-R_X peers."""
     return _synergy(ctx, layer, partners, triplets_per_channel, seed)[0]
 
 
-@register_metric("s3_mean", needs=("stats", "target"), kind="target", summary=True)
+@register_metric("s3_mean", needs=("stats", "target"), kind="target", summary=True,
+                 checks=_SYNERGY)
 def s3_mean(ctx, layer, partners=50, triplets_per_channel=20, seed=0):
     """Layer summary: mean S3(i, j, k) over `triplets_per_channel` seeded triplets per channel,
     j != k drawn from i's top-R_X partners (default, not in the paper)."""
     return _synergy(ctx, layer, partners, triplets_per_channel, seed)[1]
 
 
-@register_metric("synergy_ratio", needs=("stats", "target"), kind="target", summary=True)
+@register_metric("synergy_ratio", needs=("stats", "target"), kind="target", summary=True,
+                 checks=_SYNERGY)
 def synergy_ratio(ctx, layer, partners=50, triplets_per_channel=20, seed=0):
     """Layer summary mean S3 / mean S2 (0 when mean S2 < 1e-12)."""
     s2, s3 = _synergy(ctx, layer, partners, triplets_per_channel, seed)
@@ -169,19 +186,21 @@ def synergy_ratio(ctx, layer, partners=50, triplets_per_channel=20, seed=0):
 
 
 # ----------------------------------------------------------------------------- composites
-@register_metric("magnitude_ix", needs=("stats",), kind="composite")
+@register_metric("magnitude_ix", needs=("stats",), kind="composite",
+                 checks=dict(alpha=NUMBER, magnitude=("a metric spec such as 'l2'", _valid_spec)))
 def magnitude_ix(ctx, layer, alpha=0.5, magnitude="l2"):
     """norm(magnitude) + alpha * norm(I_X); METHOD's grid: alpha in {0.25, 0.5, 0.75, 1}."""
     return minmax(ctx.metric(magnitude, layer)) + alpha * minmax(ctx.metric("input_capture", layer))
 
 
-@register_metric("ix_rx", needs=("stats",), kind="composite")
+@register_metric("ix_rx", needs=("stats",), kind="composite", checks=dict(beta=NUMBER))
 def ix_rx(ctx, layer, beta=0.3):
     """norm(I_X) - beta * norm(mean R_X); METHOD's grid: beta in {0.15, 0.3, 0.5, 0.7}."""
     return minmax(ctx.metric("input_capture", layer)) - beta * minmax(ctx.metric("peer_overlap", layer))
 
 
-@register_metric("two_axis", needs=("stats", "target"), kind="composite")
+@register_metric("two_axis", needs=("stats", "target"), kind="composite",
+                 checks=dict(alpha=NUMBER, beta=NUMBER))
 def two_axis(ctx, layer, alpha=1.0, beta=0.5):
     """alpha * norm(I_X) - beta * norm(I(T;Y)), as METHOD §3 defines two_axis(alpha, beta)."""
     return (alpha * minmax(ctx.metric("input_capture", layer))

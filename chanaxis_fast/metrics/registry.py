@@ -14,17 +14,43 @@ column in the results) is the string itself, normalised.
 
 import ast
 import dataclasses
+import inspect
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..digest import model_digest
+from ..errors import UserInputError
 from ..graph import ModelGraph
 
 
-class MissingInputError(ValueError):
+class MissingInputError(UserInputError):
     """A metric needs something the calibration did not gather (e.g. taylor without gradients)."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Parameter checks for register_metric(checks=...): (what the value must be, predicate).
+INT_AT_LEAST_1 = ("an int >= 1", lambda v: _is_int(v) and v >= 1)
+NUMBER = ("a finite number", _is_number)
+NONNEGATIVE = ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
+POSITIVE = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
+UNIT_INTERVAL = ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+INT = ("an int", _is_int)
+INT_OR_NONE = ("an int or None", lambda v: v is None or _is_int(v))
+
+
+def one_of(*choices):
+    """A parameter check: the value must be one of ``choices``."""
+    return ("one of " + ", ".join(repr(c) for c in choices), lambda v: v in choices)
 
 
 @dataclasses.dataclass
@@ -36,18 +62,26 @@ class MetricSpec:
     summary: bool            # one float per layer instead of one score per channel
     direction: int           # +1: a higher value means keep; -1: a higher value means removable
     doc: str
+    params: Dict[str, object] = dataclasses.field(default_factory=dict)  # parameter -> default
+    checks: Dict[str, Tuple[str, Callable]] = dataclasses.field(default_factory=dict)
 
 
 _REGISTRY: Dict[str, MetricSpec] = {}
 
 
 def register_metric(name: str, *, needs: Sequence[str] = (), kind: str = "custom",
-                    summary: bool = False, direction: int = 1, replace: bool = False):
+                    summary: bool = False, direction: int = 1, replace: bool = False,
+                    checks: Optional[Dict[str, Tuple[str, Callable]]] = None):
     """Decorator registering ``fn(ctx, layer, **params)`` as metric ``name``.
 
     ``direction`` says how the values rank channels for pruning: +1 (default) when a higher value
     means "keep", -1 when a higher value means "removable" (e.g. peer overlap). Scores report the
     raw values either way; the pruning protocol uses ``direction * value``.
+
+    The keyword parameters of ``fn`` after ``(ctx, layer)`` are the metric's parameters; a spec
+    that names another parameter, or gives a value of another type than the default's (int, float,
+    bool, str), is refused by :func:`check_metric` before any work. ``checks`` adds constraints:
+    ``{param: (description, predicate)}``, e.g. ``{"max_size": INT_AT_LEAST_1}``.
     """
     if not name.isidentifier():
         raise ValueError(f"register_metric: name must be an identifier, got {name!r}")
@@ -59,7 +93,14 @@ def register_metric(name: str, *, needs: Sequence[str] = (), kind: str = "custom
             raise ValueError(f"register_metric: a metric named {name!r} exists already "
                              f"(pass replace=True to override it)")
         summary_line = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
-        _REGISTRY[name] = MetricSpec(name, fn, tuple(needs), kind, summary, direction, summary_line)
+        params = {p.name: p.default for p in list(inspect.signature(fn).parameters.values())[2:]
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        unknown = set(checks or {}) - set(params)
+        if unknown:
+            raise ValueError(f"register_metric({name!r}): checks for parameters the function does "
+                             f"not take: {sorted(unknown)}")
+        _REGISTRY[name] = MetricSpec(name, fn, tuple(needs), kind, summary, direction, summary_line,
+                                     params, dict(checks or {}))
         return fn
 
     return deco
@@ -71,28 +112,66 @@ def available_metrics(kind: Optional[str] = None) -> List[str]:
 
 
 def get_metric(name: str) -> MetricSpec:
+    """The :class:`MetricSpec` registered as ``name``; UserInputError listing the metrics if none."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown metric {name!r}; available: {', '.join(available_metrics())}")
+        raise UserInputError(f"unknown metric {name!r}; available: {', '.join(available_metrics())}")
     return _REGISTRY[name]
+
+
+def _type_ok(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return _is_int(value)
+    if isinstance(default, float):
+        return _is_number(value)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+def check_metric(spec: str) -> Tuple[str, dict, str]:
+    """Parse a metric spec and check it against the metric's signature and constraints.
+
+    Returns ``(name, params, label)`` as :func:`parse_metric`; raises :class:`UserInputError` for an
+    unknown metric, an unknown parameter (listing the ones it takes), or an invalid value.
+    """
+    name, params, label = parse_metric(spec)
+    m = get_metric(name)
+    for k, v in params.items():
+        if k not in m.params:
+            takes = ", ".join(f"{p}={d!r}" for p, d in m.params.items()) or "no parameters"
+            raise UserInputError(f"metric {label!r}: unknown parameter {k!r}; {name} takes {takes}")
+        default = m.params[k]
+        if k in m.checks:  # the check defines the type too (p=2 by default, p=1.5 allowed)
+            what, ok = m.checks[k]
+        else:
+            what = f"of type {type(default).__name__} like its default {default!r}"
+            ok = lambda v, d=default: _type_ok(v, d)  # noqa: E731
+        if not ok(v):
+            raise UserInputError(f"metric {label!r}: {k} must be {what}, got {v!r}")
+    return name, params, label
 
 
 def parse_metric(spec: str) -> Tuple[str, dict, str]:
     """``"name(a=1, b='x')"`` -> (name, {"a": 1, "b": "x"}, canonical label)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"metric spec must be a non-empty string, got {spec!r}")
+        raise UserInputError(f"metric spec must be a non-empty string, got {spec!r}")
     spec = spec.strip()
     try:
         call = ast.parse(spec, mode="eval").body
     except SyntaxError:
-        raise ValueError(f"cannot parse metric spec {spec!r}; write name or name(key=value, ...)") from None
+        raise UserInputError(f"cannot parse metric spec {spec!r}; write name or name(key=value, ...)") from None
     if isinstance(call, ast.Name):
         return call.id, {}, call.id
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args):
-        raise ValueError(f"cannot parse metric spec {spec!r}; write name or name(key=value, ...)")
+        raise UserInputError(f"cannot parse metric spec {spec!r}; write name or name(key=value, ...)")
+    if any(k.arg is None for k in call.keywords):
+        raise UserInputError(f"metric spec {spec!r}: write parameters as key=value")
     try:
         params = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     except ValueError:
-        raise ValueError(f"metric spec {spec!r}: parameter values must be literals") from None
+        raise UserInputError(f"metric spec {spec!r}: parameter values must be literals") from None
     label = call.func.id + "(" + ", ".join(f"{k}={v!r}" for k, v in params.items()) + ")"
     return call.func.id, params, label
 
@@ -146,7 +225,7 @@ class MetricContext:
 
     def metric(self, spec: str, layer: str) -> Tensor:
         """Scores of another registered metric for ``layer`` (cached), e.g. inside a composite."""
-        name, params, label = parse_metric(spec)
+        name, params, label = check_metric(spec)
         return self.cached(("metric", label, layer), lambda: _run(self, get_metric(name), params, label, layer))
 
     def cached(self, key, compute: Callable):
@@ -164,11 +243,16 @@ class Scores:
     """
 
     def __init__(self, layers: List[str], values: Dict[str, Dict[str, Tensor]],
-                 summaries: Dict[str, Dict[str, float]], skipped: Optional[Dict[str, str]] = None):
+                 summaries: Dict[str, Dict[str, float]], skipped: Optional[Dict[str, str]] = None,
+                 provenance: Optional[dict] = None):
         self.layers = list(layers)
         self.values = values
         self.summaries = summaries
         self.skipped = dict(skipped or {})  # metric -> why it was left out (score(missing="skip"))
+        # what the scores were computed from: model_digest (of the scored model),
+        # calibration_digest (the calibration's model_digest), other_weights (they differ and
+        # score(..., allow_other_weights=True) accepted it)
+        self.provenance = dict(provenance or {})
 
     @property
     def metrics(self) -> List[str]:
@@ -217,7 +301,7 @@ class Scores:
 
 def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]] = ("l1",), *,
           layers: Optional[Sequence[str]] = None, graph: Optional[ModelGraph] = None,
-          missing: str = "raise", **options) -> Scores:
+          missing: str = "raise", allow_other_weights: bool = False, **options) -> Scores:
     """Score every channel of the calibrated layers with each metric.
 
     Args:
@@ -229,29 +313,37 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
         missing: "raise" (default): a metric whose inputs are missing (MissingInputError, e.g.
             bn_scale on a layer without BatchNorm) is an error; "skip": the metric is left out and
             the reason recorded in ``Scores.skipped``.
+        allow_other_weights: the model must be the one the calibration was computed on (same
+            ``model_digest``); True accepts other weights of the same architecture (e.g. to
+            score a fine-tuned copy with the dense model's statistics) and records it in
+            ``Scores.provenance["other_weights"]``. Other channel counts are always an error.
         **options: options shared by the metrics (e.g. ``ridge=1e-3``, ``seed=0``).
+
+    Every metric spec is checked (:func:`check_metric`), and the model against the calibration,
+    before any metric runs; problems raise :class:`~chanaxis_fast.errors.UserInputError`.
     """
     if isinstance(metrics, str):
         metrics = [metrics]
     if missing not in ("raise", "skip"):
-        raise ValueError(f"score: missing must be 'raise' or 'skip', got {missing!r}")
+        raise UserInputError(f"score: missing must be 'raise' or 'skip', got {missing!r}")
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"score: model must be an nn.Module, got {type(model).__name__}")
     if graph is None:
         if calibration is None:
-            raise ValueError("score: pass a calibration, or a graph (chanaxis_fast.trace_model) for "
-                             "weight-only metrics")
+            raise UserInputError("score: pass a calibration, or a graph (chanaxis_fast.trace_model) "
+                                 "for weight-only metrics")
         graph = calibration.graph
     if layers is None:
         layers = list(calibration.layers) if calibration is not None else graph.default_layers()
     for name in layers:
         if name not in graph.layers:
-            raise ValueError(f"score: unknown layer {name!r}; layers: {', '.join(graph.layers)}")
+            raise UserInputError(f"score: unknown layer {name!r}; layers: {', '.join(graph.layers)}")
+    parsed = [check_metric(m) for m in metrics]  # every spec is checked before any work
+    provenance = _check_model(model, graph, calibration, layers, allow_other_weights)
     ctx = MetricContext(model, graph, calibration, options)
     values: Dict[str, Dict[str, Tensor]] = {}
     summaries: Dict[str, Dict[str, float]] = {}
     skipped: Dict[str, str] = {}
-    parsed = [parse_metric(m) for m in metrics]
-    for name, _, _ in parsed:
-        get_metric(name)  # unknown names fail before any work
     for name, params, label in parsed:
         spec = get_metric(name)
         per_layer = {}
@@ -265,17 +357,47 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
             skipped[label] = str(e)
             continue
         (summaries if spec.summary else values)[label] = per_layer
-    return Scores(layers, values, summaries, skipped)
+    return Scores(layers, values, summaries, skipped, provenance)
+
+
+def _check_model(model: nn.Module, graph: ModelGraph, calibration, layers, allow_other_weights
+                 ) -> dict:
+    """The model must have the graph's layers with the graph's channel counts, and (with a
+    calibration) the calibration's weights unless ``allow_other_weights``."""
+    modules = dict(model.named_modules())
+    for name in layers:
+        node = graph.layers[name]
+        mod = modules.get(name)
+        if mod is None:
+            raise UserInputError(f"score: the model has no layer {name!r}, which the "
+                                 f"{'calibration' if calibration is not None else 'graph'} holds")
+        weight = getattr(mod, "weight", None)
+        out = weight.shape[0] if isinstance(weight, Tensor) and weight.dim() >= 1 else None
+        inp = getattr(mod, "in_channels", getattr(mod, "in_features", None))
+        if (out, inp) != (node.out_channels, node.in_channels):
+            raise UserInputError(
+                f"score: layer {name!r} of the model has {out} output / {inp} input channels, the "
+                f"{'calibration' if calibration is not None else 'graph'} was made on "
+                f"{node.out_channels} / {node.in_channels}: another architecture")
+        if calibration is not None and name in calibration.stats:
+            C = calibration.stats[name].num_channels
+            if C is not None and C != node.out_channels:
+                raise UserInputError(f"score: the calibration's statistics of {name!r} hold {C} "
+                                     f"channels, the layer has {node.out_channels}")
+    if calibration is None or not getattr(calibration, "config", {}).get("model_digest"):
+        return {}
+    ours, theirs = model_digest(model), calibration.config["model_digest"]
+    if ours != theirs and not allow_other_weights:
+        raise UserInputError(
+            "score: the model's weights differ from those the calibration was computed on "
+            f"(model_digest {ours[:12]}... here, {theirs[:12]}... in the calibration); pass "
+            "allow_other_weights=True to score these weights with that calibration")
+    return {"model_digest": ours, "calibration_digest": theirs, "other_weights": ours != theirs}
 
 
 def _run(ctx: MetricContext, spec: MetricSpec, params: dict, label: str, layer: str):
     """One metric on one layer, its result checked: a float (summary) or float64 [C] on the CPU."""
-    try:
-        result = spec.fn(ctx, layer, **params)
-    except TypeError as e:
-        if "unexpected keyword" in str(e):
-            raise ValueError(f"metric {label!r}: {e}") from None
-        raise
+    result = spec.fn(ctx, layer, **params)
     if spec.summary:
         return float(result)
     result = torch.as_tensor(result).detach().to("cpu", torch.float64).reshape(-1)
@@ -283,7 +405,7 @@ def _run(ctx: MetricContext, spec: MetricSpec, params: dict, label: str, layer: 
     if result.numel() != C:
         raise RuntimeError(f"metric {label!r} returned {result.numel()} scores for layer "
                            f"{layer!r}, which has {C} channels")
-    return result
+    return result + 0.0  # -0.0 (e.g. -1/2 log1p(-0) of a dead channel) becomes 0.0
 
 
 def minmax(a: Tensor) -> Tensor:

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from ..graph import ModelGraph
-from .registry import MissingInputError, register_metric
+from .registry import (INT_AT_LEAST_1, INT_OR_NONE, POSITIVE, MissingInputError, one_of,
+                       register_metric)
 
 GROUP_REDUCTIONS = ("mean", "sum", "max", "prod", "first", "gate")
 NORMALIZERS = ("mean", "sum", "max", "standardization", "gaussian", "lamp", None)
@@ -130,7 +131,7 @@ def geometric_median(points: Tensor, tol: float = 1e-10, max_iter: int = 1000) -
     return y
 
 
-@register_metric("fermat", kind="baseline")
+@register_metric("fermat", kind="baseline", checks=dict(tol=POSITIVE, max_iter=INT_AT_LEAST_1))
 def fermat(ctx, layer, tol=1e-10, max_iter=1000):
     """Fermat: L2 distance of each filter to the layer's geometric median (Fermat point),
     ``||W_i - GM(W)||_2`` (He et al. 2019; seeds/002). Filters far from the median are kept.
@@ -161,7 +162,7 @@ def _layer_seed(seed: int, layer: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-@register_metric("random", kind="baseline")
+@register_metric("random", kind="baseline", checks=dict(seed=INT_OR_NONE))
 def random_scores(ctx, layer, seed=None):
     """Seeded uniform scores in [0, 1), one draw per channel.
 
@@ -300,7 +301,9 @@ def _normalize(x: Tensor, how: Optional[str]) -> Tensor:
     return _lamp(x)
 
 
-@register_metric("magnitude", kind="baseline")
+@register_metric("magnitude", kind="baseline",
+                 checks=dict(p=POSITIVE, group_reduction=one_of(*GROUP_REDUCTIONS),
+                             normalizer=one_of(*NORMALIZERS)))
 def magnitude(ctx, layer, p=2, group_reduction="mean", normalizer="mean", bias=False):
     """Torch-Pruning's group magnitude importance (``MagnitudeImportance``), on our graph.
 
