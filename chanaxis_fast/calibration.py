@@ -26,7 +26,6 @@ Everything is float64 and merged with the exact pairwise (Chan et al.) update, s
 depend on the batch size. Long runs can be checkpointed and resumed (``checkpoint=``).
 """
 
-import hashlib
 import itertools
 import os
 import re
@@ -37,7 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .digest import data_digest, dataset_indices, digest as _digest, model_digest
+from .errors import UserInputError
 from .graph import ModelGraph, trace_model
+from .runtime import SaveSchedule, check_writable, sigterm_as_interrupt
 from .stats import ChannelStats, StatsFileError, atomic_save, check_header, read_state
 
 _FORMAT = "chanaxis_fast.Calibration"
@@ -50,40 +52,13 @@ READOUTS = ("pre_bn", "post_bn", "post_act")
 # Configuration entries that define the result: a checkpoint resumes only when they all agree.
 _RESUME_KEYS = ("layers", "mode", "positions_per_image", "target", "readout", "seed", "max_images",
                 "extras", "rank_images", "skip_nonfinite", "dataset_size", "dataset_indices",
-                "model_digest")
+                "model_digest", "data_digest", "first_batch_digest")
+_DATA_DIFF = {
+    "data_digest": "data_digest: the dataset holds other samples (other files, sizes, labels or tensors)",
+    "first_batch_digest": "first_batch_digest: the loader's first batch differs (other data, order or "
+                          "batch size; to resume, the loader must yield the same batches in the same order)",
+}
 _CHUNK = 1 << 23  # float64 elements per working block of the patch gather and of CHIP (64 MiB)
-
-
-# ====================================================================== hashing helpers
-def _update_digest(h, obj):
-    if isinstance(obj, Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, dict):
-        h.update(b"{")
-        for k in sorted(obj, key=str):
-            h.update(repr(k).encode())
-            _update_digest(h, obj[k])
-        h.update(b"}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[")
-        for v in obj:
-            _update_digest(h, v)
-        h.update(b"]")
-    else:
-        h.update(repr(obj).encode())
-
-
-def _digest(obj) -> str:
-    h = hashlib.sha256()
-    _update_digest(h, obj)
-    return h.hexdigest()
-
-
-def model_digest(model: nn.Module) -> str:
-    """sha256 of a model's state_dict (names, dtypes, shapes and values)."""
-    return _digest(dict(model.state_dict()))
 
 
 # ====================================================================== PatchStats
@@ -300,7 +275,7 @@ def _parse_extras(extras) -> List[str]:
     extras = list(extras)
     for e in extras:
         if e not in EXTRAS:
-            raise ValueError(f"calibrate: unknown extra {e!r}; choose from {', '.join(EXTRAS)} "
+            raise UserInputError(f"calibrate: unknown extra {e!r}; choose from {', '.join(EXTRAS)} "
                              f"(or 'all' / None)")
     return [e for e in EXTRAS if e in extras]
 
@@ -310,57 +285,46 @@ def _select_layers(model: nn.Module, graph: ModelGraph, layers, readout: str) ->
     if layers is None:
         names = graph.default_layers()
         if not names:
-            raise ValueError("calibrate: the model has no default layer (Conv2d with >= 4 outputs, "
+            raise UserInputError("calibrate: the model has no default layer (Conv2d with >= 4 outputs, "
                              "classifier excluded); pass layers=")
     elif isinstance(layers, str):
         pattern = re.compile(layers)
         names = [n for n in modules if n and pattern.fullmatch(n)]
         if not names:
-            raise ValueError(f"calibrate: layers={layers!r} matches no module name (the regex must "
+            raise UserInputError(f"calibrate: layers={layers!r} matches no module name (the regex must "
                              f"match the whole name); layers: {', '.join(graph.layers)}")
     elif callable(layers):
         names = [n for n, m in modules.items() if n and layers(n, m)]
         if not names:
-            raise ValueError("calibrate: the layers= callable selected no module")
+            raise UserInputError("calibrate: the layers= callable selected no module")
     else:
         names = list(layers)
         if not names:
-            raise ValueError("calibrate: layers= is an empty list")
+            raise UserInputError("calibrate: layers= is an empty list")
         if len(set(names)) != len(names):
-            raise ValueError(f"calibrate: layers= names a layer twice: {names}")
+            raise UserInputError(f"calibrate: layers= names a layer twice: {names}")
     for n in names:
         if not isinstance(n, str) or n not in modules:
-            raise ValueError(f"calibrate: the model has no module named {n!r}")
+            raise UserInputError(f"calibrate: the model has no module named {n!r}")
         m = modules[n]
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
-            raise ValueError(f"calibrate: layer {n!r} is a {type(m).__name__}, not an nn.Conv2d or "
+            raise UserInputError(f"calibrate: layer {n!r} is a {type(m).__name__}, not an nn.Conv2d or "
                              f"nn.Linear")
         if n not in graph.layers:
-            raise ValueError(f"calibrate: layer {n!r} is not called in the model's forward pass")
+            raise UserInputError(f"calibrate: layer {n!r} is not called in the model's forward pass")
         node = graph.layers[n]
         if readout == "post_bn" and node.bn is None:
-            raise ValueError(f"calibrate: layer {n!r} has no BatchNorm after it, so readout='post_bn' "
+            raise UserInputError(f"calibrate: layer {n!r} has no BatchNorm after it, so readout='post_bn' "
                              f"cannot be taken; use 'pre_bn' or leave the layer out")
         if readout == "post_act" and node.act is None:
-            raise ValueError(f"calibrate: layer {n!r} has no activation module after it (functional "
+            raise UserInputError(f"calibrate: layer {n!r} has no activation module after it (functional "
                              f"activations such as F.relu cannot be hooked), so readout='post_act' "
                              f"cannot be taken; use 'pre_bn' or leave the layer out")
     return sorted(names, key=lambda n: graph.layers[n].order)
 
 
-def _dataset_indices(dataset) -> Optional[Tensor]:
-    """Indices into the base dataset when ``dataset`` is a (nested) Subset."""
-    from torch.utils.data import Subset
-
-    if not isinstance(dataset, Subset):
-        return None
-    idx = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
-    while isinstance(dataset, Subset):
-        parent = dataset.dataset
-        if isinstance(parent, Subset):
-            idx = torch.as_tensor(list(parent.indices), dtype=torch.int64)[idx]
-        dataset = parent
-    return idx
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _same(a, b) -> bool:
@@ -677,6 +641,7 @@ def calibrate(
     rank_images: int = 64,
     checkpoint=None,
     checkpoint_every: int = 50,
+    checkpoint_seconds: Optional[float] = 60.0,
     skip_nonfinite: bool = False,
 ) -> Calibration:
     """Stream the channel statistics (and baseline inputs) of ``model`` over ``loader``.
@@ -709,38 +674,54 @@ def calibrate(
             ("sfvr", "taylor", "hrank", "chip"); see the module docstring for what each costs.
         rank_images: images (the first ones, in loader order) used by HRank and CHIP.
         checkpoint: a path. The partial calibration (with batches done and the generator state) is
-            written atomically every ``checkpoint_every`` batches, when the pass fails or is
-            interrupted, and at the end. A later call with the same path and configuration skips the
-            batches already done and continues; a finished checkpoint is returned as is; another
-            configuration raises ``ValueError``.
+            written atomically every ``checkpoint_every`` batches or ``checkpoint_seconds`` seconds
+            (whichever comes first), when the pass fails or is interrupted (Ctrl-C, or SIGTERM,
+            which raises :class:`~chanaxis_fast.runtime.Terminated` after the save), and at the end.
+            Its folder must exist and be writable (checked before the first batch). A later call
+            with the same path and configuration skips the batches already done and continues; a
+            finished checkpoint is returned as is; another configuration, or other data (the
+            config's ``data_digest`` / ``first_batch_digest``), raises ``UserInputError``.
+        checkpoint_every, checkpoint_seconds: the save schedule above (``checkpoint_seconds=None``:
+            by batches only).
         skip_nonfinite: drop rows holding NaN/Inf instead of raising.
+
+    Raises:
+        UserInputError (a ValueError) for bad arguments, detected before the first batch is run.
 
     Returns:
         a :class:`Calibration`.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"calibrate: model must be an nn.Module, got {type(model).__name__}")
+        raise UserInputError(f"calibrate: model must be an nn.Module, got {type(model).__name__}")
     if mode not in MODES:
-        raise ValueError(f"calibrate: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UserInputError(f"calibrate: mode must be one of {', '.join(MODES)}, got {mode!r}")
     if readout not in READOUTS:
-        raise ValueError(f"calibrate: readout must be one of {', '.join(READOUTS)}, got {readout!r}")
-    if not isinstance(positions_per_image, int) or positions_per_image < 1:
-        raise ValueError(f"calibrate: positions_per_image must be a positive int, got {positions_per_image!r}")
-    if max_images is not None and (not isinstance(max_images, int) or max_images < 1):
-        raise ValueError(f"calibrate: max_images must be a positive int or None, got {max_images!r}")
-    if not isinstance(rank_images, int) or rank_images < 1:
-        raise ValueError(f"calibrate: rank_images must be a positive int, got {rank_images!r}")
-    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"calibrate: checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        raise UserInputError(f"calibrate: readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+    if not _is_int(positions_per_image) or positions_per_image < 1:
+        raise UserInputError(f"calibrate: positions_per_image must be a positive int, got {positions_per_image!r}")
+    if max_images is not None and (not _is_int(max_images) or max_images < 1):
+        raise UserInputError(f"calibrate: max_images must be a positive int or None, got {max_images!r}")
+    if not _is_int(rank_images) or rank_images < 1:
+        raise UserInputError(f"calibrate: rank_images must be a positive int, got {rank_images!r}")
+    if not _is_int(checkpoint_every) or checkpoint_every < 1:
+        raise UserInputError(f"calibrate: checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if checkpoint_seconds is not None and (isinstance(checkpoint_seconds, bool) or not isinstance(
+            checkpoint_seconds, (int, float)) or not checkpoint_seconds > 0):
+        raise UserInputError(f"calibrate: checkpoint_seconds must be a positive number or None, got "
+                             f"{checkpoint_seconds!r}")
+    if not _is_int(seed):
+        raise UserInputError(f"calibrate: seed must be an int, got {seed!r}")
+    if checkpoint is not None:
+        check_writable(checkpoint, "calibrate")
     if isinstance(target, str):
         if target != "logit_margin":
-            raise ValueError(f"calibrate: target must be 'logit_margin' or a callable, got {target!r}")
+            raise UserInputError(f"calibrate: target must be 'logit_margin' or a callable, got {target!r}")
         target_fn, target_name = logit_margin, "logit_margin"
     elif callable(target):
         target_fn = target
         target_name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
     else:
-        raise TypeError(f"calibrate: target must be 'logit_margin' or a callable, got {type(target).__name__}")
+        raise UserInputError(f"calibrate: target must be 'logit_margin' or a callable, got {type(target).__name__}")
     extras = _parse_extras(extras)
     params = list(model.parameters())
     if device is None:
@@ -748,15 +729,17 @@ def calibrate(
     device = torch.device(device)
     for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
         if p.device.type != device.type or (device.index is not None and p.device != device):
-            raise ValueError(f"calibrate: the model's {name!r} is on {p.device}, not on device={device}; "
+            raise UserInputError(f"calibrate: the model's {name!r} is on {p.device}, not on device={device}; "
                              f"move the model first")
 
     it = iter(loader)
     try:
         first = next(it)
     except StopIteration:
-        raise ValueError("calibrate: the loader yielded no batch") from None
-    images0, _ = _unpack(first)
+        raise UserInputError("calibrate: the loader yielded no batch") from None
+    images0, labels0 = _unpack(first)
+    if images0.shape[0] == 0:
+        raise UserInputError("calibrate: the loader's first batch holds 0 images")
     modes = {m: m.training for m in model.modules()}
     try:
         graph = trace_model(model, images0[:2].to(device))
@@ -773,17 +756,20 @@ def calibrate(
     config = dict(layers=names, mode=mode, positions_per_image=positions_per_image,
                   target=target_name, readout=readout, seed=seed, max_images=max_images,
                   extras=extras, rank_images=rank_images, skip_nonfinite=skip_nonfinite,
-                  dataset_size=dataset_size, dataset_indices=_dataset_indices(dataset),
-                  model_digest=model_digest(model), device=str(device))
+                  dataset_size=dataset_size, dataset_indices=dataset_indices(dataset),
+                  model_digest=model_digest(model), device=str(device),
+                  data_digest=data_digest(dataset), first_batch_digest=_digest([images0, labels0]))
 
     cal = None
     if checkpoint is not None and os.path.exists(checkpoint):
         cal = Calibration.load(checkpoint, device)
         diff = [k for k in _RESUME_KEYS if not _same(cal.config.get(k), config[k])]
         if diff:
-            raise ValueError(
+            raise UserInputError(
                 f"calibrate: checkpoint {os.fspath(checkpoint)!r} was made with another configuration ("
-                + "; ".join(f"{k}: {_short(cal.config.get(k))} there, {_short(config[k])} now" for k in diff)
+                + "; ".join(_DATA_DIFF[k] if k in _DATA_DIFF else
+                            f"{k}: {_short(cal.config.get(k))} there, {_short(config[k])} now"
+                            for k in diff)
                 + "); delete it or pass another checkpoint path")
         cal.graph = graph  # the traced graph, with its modules
         if cal.complete:
@@ -799,7 +785,7 @@ def calibrate(
     weights = {l: graph.module(l).weight for l in names} if taylor else {}
     grad_flags = {l: w.requires_grad for l, w in weights.items()}
     hooks = None
-    saved_batches = cal.num_batches
+    schedule = SaveSchedule(checkpoint_every, checkpoint_seconds, cal.num_batches)
     try:
         model.eval()
         for w in weights.values():
@@ -811,7 +797,8 @@ def calibrate(
         except TypeError:
             total = None
         resume_batches, resume_images = cal.num_batches, cal.num_images
-        with tqdm(total=total, disable=not progress, unit="batch", desc="calibrate") as bar:
+        with sigterm_as_interrupt(), tqdm(total=total, disable=not progress, unit="batch",
+                                          desc="calibrate") as bar:
             pulled, skip_images = 0, 0
             for batch in itertools.chain([first], it):
                 pulled += 1
@@ -828,9 +815,9 @@ def calibrate(
                 _run_batch(model, cal, hooks, gen, images.to(device), labels.to(device), target_fn,
                            weights, mode, positions_per_image, rank_images)
                 bar.update(1)
-                if checkpoint is not None and cal.num_batches - saved_batches >= checkpoint_every:
+                if checkpoint is not None and schedule.due(cal.num_batches):
                     cal.save(checkpoint)
-                    saved_batches = cal.num_batches
+                    schedule.saved(cal.num_batches)
                 if max_images is not None and cal.num_images >= max_images:
                     break
         if pulled < resume_batches:
@@ -845,7 +832,7 @@ def calibrate(
         if checkpoint is not None:
             cal.save(checkpoint)
     except BaseException:
-        if checkpoint is not None and cal.num_batches > saved_batches:
+        if checkpoint is not None and schedule.unsaved(cal.num_batches):
             cal.save(checkpoint)  # never lose the batches done since the last checkpoint
         raise
     finally:
@@ -867,10 +854,21 @@ def _check_skipped(skip_images, batches, images):
 
 def _unpack(batch):
     if not isinstance(batch, (list, tuple)) or len(batch) < 2 or not isinstance(batch[0], Tensor):
-        raise ValueError("calibrate: the loader must yield (images, labels) batches, got "
+        raise UserInputError("calibrate: the loader must yield (images, labels) batches, got "
                          f"{type(batch).__name__}")
     labels = batch[1] if isinstance(batch[1], Tensor) else torch.as_tensor(batch[1])
     return batch[0], labels
+
+
+def _check_labels(labels: Tensor, N: int, K: int):
+    """Class labels that the logit margin and the cross-entropy can use: Tensor[N] of ints in [0, K)."""
+    if labels.shape != (N,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"calibrate: labels must be an integer Tensor[{N}] (one class per image), got "
+                         f"{labels.dtype} of shape {tuple(labels.shape)}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= K:
+        raise ValueError(f"calibrate: labels must lie in [0, {K}) for the model's {K} logits; a batch "
+                         f"holds labels from {lo} to {hi}")
 
 
 def _new_calibration(model, graph, names, config, extras, device) -> Calibration:
@@ -935,6 +933,8 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
         logits = model(images)
         if not isinstance(logits, Tensor):
             raise ValueError(f"calibrate: the model must return a logits tensor, got {type(logits).__name__}")
+        if cal.config["target"] == "logit_margin" or weights:
+            _check_labels(labels, N, logits.shape[-1])
         t = target_fn(logits.detach(), labels)
         if not isinstance(t, Tensor) or t.shape != (N,):
             raise ValueError(f"calibrate: the target must be a Tensor[{N}] (one value per image), got "
