@@ -280,7 +280,9 @@ def _parse_extras(extras) -> List[str]:
     return [e for e in EXTRAS if e in extras]
 
 
-def _select_layers(model: nn.Module, graph: ModelGraph, layers, readout: str) -> List[str]:
+def select_layers(model: nn.Module, graph: ModelGraph, layers, readout: str) -> List[str]:
+    """The layers :func:`calibrate` would calibrate (``layers`` as there), in execution order;
+    UserInputError when a layer is not a called Conv2d / Linear or lacks the ``readout`` point."""
     modules = dict(model.named_modules())
     if layers is None:
         names = graph.default_layers()
@@ -746,7 +748,7 @@ def calibrate(
     finally:
         for m, t in modes.items():
             m.training = t
-    names = _select_layers(model, graph, layers, readout)
+    names = select_layers(model, graph, layers, readout)
 
     dataset = getattr(loader, "dataset", None)
     try:

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..digest import model_digest
+from ..digest import digest, model_digest
 from ..errors import UserInputError
 from ..graph import ModelGraph
 
@@ -295,13 +295,58 @@ class Scores:
         self.to_pandas().to_csv(path, index=False, **kwargs)
         return path
 
+    # ------------------------------------------------------------------ persistence
+    _FORMAT, _VERSION = "chanaxis_fast.Scores", 1
+
+    def state_dict(self) -> dict:
+        """Plain tensors, dicts, lists and strings (loadable with ``weights_only=True``)."""
+        state = {"format": self._FORMAT, "version": self._VERSION, "layers": list(self.layers),
+                 "values": {m: {l: v.detach().cpu().double() for l, v in per.items()}
+                            for m, per in self.values.items()},
+                 "summaries": {m: {l: float(v) for l, v in per.items()} for m, per in self.summaries.items()},
+                 "skipped": dict(self.skipped), "provenance": dict(self.provenance)}
+        state["checksum"] = digest(state)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict, who: str = "Scores.from_state_dict") -> "Scores":
+        """Rebuild scores saved by :meth:`state_dict`; a foreign, corrupt or incomplete state raises
+        :class:`~chanaxis_fast.stats.StatsFileError`."""
+        from ..stats import StatsFileError, check_header
+
+        check_header(state, cls._FORMAT, cls._VERSION, who, "Scores", "score again")
+        if state.get("checksum") != digest({k: v for k, v in state.items() if k != "checksum"}):
+            raise StatsFileError(f"{who}: checksum mismatch, the scores are corrupt")
+        try:
+            return cls(state["layers"], state["values"], state["summaries"], state["skipped"],
+                       state["provenance"])
+        except KeyError as e:
+            raise StatsFileError(f"{who}: incomplete scores state (no {e})") from None
+
+    def save(self, path) -> None:
+        """Write atomically (``torch.save`` of :meth:`state_dict`)."""
+        from ..stats import atomic_save
+
+        atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path) -> "Scores":
+        """Read a file written by :meth:`save` (checked: format, version, checksum)."""
+        import os
+
+        from ..stats import read_state
+
+        who = f"Scores.load({os.fspath(path)!r})"
+        return cls.from_state_dict(read_state(path, who, "scores"), who)
+
     def __repr__(self):
         return f"Scores({len(self.layers)} layers, metrics={self.metrics + list(self.summaries)})"
 
 
 def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]] = ("l1",), *,
           layers: Optional[Sequence[str]] = None, graph: Optional[ModelGraph] = None,
-          missing: str = "raise", allow_other_weights: bool = False, **options) -> Scores:
+          missing: str = "raise", allow_other_weights: bool = False, progress: bool = False,
+          **options) -> Scores:
     """Score every channel of the calibrated layers with each metric.
 
     Args:
@@ -317,6 +362,7 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
             ``model_digest``); True accepts other weights of the same architecture (e.g. to
             score a fine-tuned copy with the dense model's statistics) and records it in
             ``Scores.provenance["other_weights"]``. Other channel counts are always an error.
+        progress: a tqdm progress bar over (metric, layer) steps.
         **options: options shared by the metrics (e.g. ``ridge=1e-3``, ``seed=0``).
 
     Every metric spec is checked (:func:`check_metric`), and the model against the calibration,
@@ -344,19 +390,25 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
     values: Dict[str, Dict[str, Tensor]] = {}
     summaries: Dict[str, Dict[str, float]] = {}
     skipped: Dict[str, str] = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(parsed) * len(layers), disable=not progress, unit="layer", desc="score")
     for name, params, label in parsed:
         spec = get_metric(name)
         per_layer = {}
+        bar.set_postfix_str(label, refresh=False)
         try:
             for layer in layers:
                 per_layer[layer] = ctx.cached(("metric", label, layer),
                                               lambda: _run(ctx, spec, params, label, layer))
+                bar.update(1)
         except MissingInputError as e:
             if missing == "raise":
                 raise
             skipped[label] = str(e)
             continue
         (summaries if spec.summary else values)[label] = per_layer
+    bar.close()
     return Scores(layers, values, summaries, skipped, provenance)
 
 
