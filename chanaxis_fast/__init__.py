@@ -10,8 +10,8 @@ from . import _C  # registers torch.ops.chanaxis_fast.*
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
 from . import ops, reference
 from .graph import ModelGraph, trace_model
-from .metrics import (MissingInputError, Scores, available_metrics, register_metric,
-                      score)
+from .metrics import (MetricSpec, MissingInputError, Scores, available_metrics, get_metric,
+                      parse_metric, register_metric, score)
 from .stats import ChannelStats, StatsFileError
 from .calibration import Calibration, calibrate
 
@@ -39,7 +39,7 @@ def build_info():
     return info
 
 
-__all__ = ["ChannelStats", "MissingInputError", "ModelGraph", "Scores", "StatsFileError",
-           "available_metrics", "build_info", "ops", "reference", "register_metric", "score",
-           "trace_model"]
+__all__ = ["ChannelStats", "MetricSpec", "MissingInputError", "ModelGraph", "Scores",
+           "StatsFileError", "available_metrics", "build_info", "get_metric", "ops", "parse_metric",
+           "reference", "register_metric", "score", "trace_model"]
 __all__ += ["Calibration", "calibrate"]

@@ -149,6 +149,7 @@ class PatchStats:
         return self.covariance().diagonal(dim1=1, dim2=2)
 
     def state_dict(self) -> dict:
+        """format, version, count, mean, comoment (on the CPU) and a checksum of them."""
         if self.mean is None:
             raise ValueError("PatchStats.state_dict: no statistics yet")
         state = {"format": _PATCH_FORMAT, "version": _VERSION, "count": self.count.cpu(),
@@ -157,6 +158,8 @@ class PatchStats:
         return state
 
     def load_state_dict(self, state: dict, who: str = "PatchStats.load_state_dict") -> "PatchStats":
+        """Replace these statistics by those of :meth:`state_dict`'s output, after checking its
+        format, version, shapes, dtypes and checksum (:class:`StatsFileError` otherwise)."""
         check_header(state, _PATCH_FORMAT, _VERSION, who, "PatchStats", "recalibrate")
         body = {k: v for k, v in state.items() if k != "checksum"}
         try:
@@ -386,18 +389,23 @@ class Calibration:
 
     @property
     def extras(self) -> List[str]:
+        """The baseline inputs gathered: a subset of ("sfvr", "taylor", "hrank", "chip")."""
         return list(self.config.get("extras", []))
 
     @property
     def hrank(self) -> Dict[str, Tensor]:
+        """{layer: float64 Tensor[C]} mean feature-map rank of each channel (extra "hrank")."""
         return {l: s / max(1, self.rank_counts[l]) for l, s in self.rank_sums.items()}
 
     @property
     def chip(self) -> Dict[str, Tensor]:
+        """{layer: float64 Tensor[C]} mean nuclear-norm drop of each channel (extra "chip")."""
         return {l: s / max(1, self.rank_counts[l]) for l, s in self.chip_sums.items()}
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
+        """Everything as plain tensors, dicts and scalars (CPU), with format, version and a
+        checksum: what :meth:`save` writes and :meth:`from_state_dict` reads."""
         state = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -420,6 +428,8 @@ class Calibration:
     @classmethod
     def from_state_dict(cls, state: dict, device=None, who: str = "Calibration.from_state_dict"
                         ) -> "Calibration":
+        """Rebuild a calibration from :meth:`state_dict`'s output, its tensors on ``device``
+        (default CPU); a foreign, corrupt or incomplete state raises :class:`StatsFileError`."""
         check_header(state, _FORMAT, _VERSION, who, "Calibration", "recalibrate")
         if state.get("checksum") != _digest({k: v for k, v in state.items() if k != "checksum"}):
             raise StatsFileError(f"{who}: checksum mismatch, the calibration is corrupt")

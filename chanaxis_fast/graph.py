@@ -89,6 +89,7 @@ class LayerNode:
 
     @property
     def depthwise(self) -> bool:
+        """A conv with one group per channel (groups == in_channels == out_channels)."""
         return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels == self.out_channels
 
 
@@ -125,6 +126,7 @@ class ModelGraph:
         return len(self._parent) - 1
 
     def root(self, space: int) -> int:
+        """The representative of ``space``'s set of coupled channel spaces (union-find)."""
         while self._parent[space] != space:
             self._parent[space] = self._parent[self._parent[space]]
             space = self._parent[space]
@@ -158,6 +160,7 @@ class ModelGraph:
 
     # -------------------------------------------------------------- queries
     def module(self, name: str) -> nn.Module:
+        """The traced module ``name`` (a graph rebuilt by :meth:`from_state_dict` has none)."""
         return self._modules[name]
 
     def default_layers(self, min_channels: int = 4) -> List[str]:

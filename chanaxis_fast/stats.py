@@ -156,6 +156,7 @@ class ChannelStats:
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
+        """format, version, count, num_channels, has_target, mean, comoment (CPU) and a checksum."""
         if self.mean is None:
             raise ValueError("ChannelStats.state_dict: no statistics yet (no update and no shape)")
         mean, comoment = self.mean.cpu(), self.comoment.cpu()
@@ -171,6 +172,8 @@ class ChannelStats:
         }
 
     def load_state_dict(self, state: dict) -> "ChannelStats":
+        """Replace these statistics by those of :meth:`state_dict`'s output, after checking it
+        (:class:`StatsFileError` for a foreign, corrupt or inconsistent state)."""
         _validate(state, "ChannelStats.load_state_dict")
         self.count = int(state["count"])
         self.num_channels = int(state["num_channels"])

@@ -28,7 +28,8 @@ def _per_layer(cal, table: dict, layer: str, metric: str) -> Tensor:
 
 @register_metric("taylor", needs=("grads",), kind="baseline")
 def taylor(ctx, layer):
-    """First-order Taylor: sum_d |w_id * dL/dw_id|, L the summed cross-entropy over the calibration set."""
+    """taylor(i) = sum_d |w_id * dL/dw_id|, L = the cross-entropy summed over the calibration set
+    (first-order Taylor, Molchanov et al. 2019)."""
     cal = _calibration(ctx, "taylor", "taylor", "cross-entropy gradients")
     g = _per_layer(cal, cal.grads, layer, "taylor")
     w = ctx.weight(layer)
@@ -37,14 +38,14 @@ def taylor(ctx, layer):
 
 @register_metric("activation_mean", needs=("stats",), kind="baseline")
 def activation_mean(ctx, layer):
-    """Mean of Y_i over the calibration samples (at the calibration's read-out point)."""
+    """activation_mean(i) = mean_r Y_i[r], over the calibration rows at the read-out point."""
     s = ctx.stats(layer, "activation_mean")
     return s.mean[: ctx.num_channels(layer)].cpu()
 
 
 @register_metric("activation_rms", needs=("stats",), kind="baseline")
 def activation_rms(ctx, layer):
-    """Root mean square of Y_i: sqrt(mean^2 + population variance)."""
+    """activation_rms(i) = sqrt(mean_r Y_i[r]^2) = sqrt(mean_i^2 + population variance of Y_i)."""
     s = ctx.stats(layer, "activation_rms")
     C = ctx.num_channels(layer)
     mean = s.mean[:C].cpu()
@@ -54,7 +55,8 @@ def activation_rms(ctx, layer):
 
 @register_metric("sfvr", needs=("patches",), kind="baseline")
 def sfvr(ctx, layer):
-    """SFVR (seeds/004): sum over consumers c and their outputs j of Var(M_ji) / Var(Y_j).
+    """SFVR(i) = sum over the consumers c of the layer and their outputs j of Var(M_ji) / Var(Y_j)
+    (He et al. 2020).
 
     ``M_ji`` is the contribution of input channel i to output j of consumer c (pre-BN),
     ``Var(M_ji) = k_ji^T C_i k_ji`` with ``C_i`` the patch covariance of input channel i and
@@ -102,13 +104,15 @@ def sfvr(ctx, layer):
 
 @register_metric("hrank", needs=("hrank",), kind="baseline")
 def hrank(ctx, layer):
-    """HRank: mean matrix rank of each channel's feature map over the first rank_images images."""
+    """hrank(i) = mean over the first rank_images images of rank(F_i), F_i the channel's H x W
+    feature map at the read-out point (HRank, Lin et al. 2020)."""
     cal = _calibration(ctx, "hrank", "hrank", "feature-map ranks")
     return _per_layer(cal, cal.hrank, layer, "hrank")
 
 
 @register_metric("chip", needs=("chip",), kind="baseline")
 def chip(ctx, layer):
-    """CHIP: mean drop of the nuclear norm of the C x HW feature matrix when the channel is zeroed."""
+    """chip(i) = mean over the first rank_images images of ||A||_* - ||A with row i zeroed||_*, A the
+    C x HW feature matrix at the read-out point (CHIP, Sui et al. 2021)."""
     cal = _calibration(ctx, "chip", "chip", "nuclear-norm drops")
     return _per_layer(cal, cal.chip, layer, "chip")

@@ -89,13 +89,22 @@ def _hulls(ctx, layer, max_size, eps, ridge):
 
 @register_metric("e_full", needs=("stats",), kind="local", direction=-1, checks=dict(ridge=NONNEGATIVE))
 def e_full(ctx, layer, ridge=1e-3):
-    """E_full(i): variance of channel i explained by all its peers (ridge 1e-3), in [0, 1]."""
+    """E_full(i) = r_i^T (P_-i + ridge I)^-1 r_i clipped to [0, 1]: the variance of channel i
+    explained by all its peers (P_-i the peers' correlation matrix, r_i their correlations with i).
+
+    Computed for every channel from one factorisation; below 1e-12 it is reported as 0 (constant
+    channels, one-channel layers, channels uncorrelated with every peer).
+    """
     return _hulls(ctx, layer, 10, 0.05, ridge).e_full
 
 
 @register_metric("hull_size", needs=("stats",), kind="local", checks=_HULL)
 def hull_size(ctx, layer, max_size=10, eps=0.05, ridge=1e-3):
-    """|H_i|: peers needed to explain (1 - eps) of E_full(i), greedily (at most max_size)."""
+    """|H_i| = the size of the greedy hull: peers are added one at a time (largest gain in E_i(S))
+    until E_i(S) >= (1 - eps) * E_full(i) or |S| = max_size; 0 when E_full(i) = 0.
+
+    A higher value means that more peers are needed to stand in for the channel (keep).
+    """
     return _hulls(ctx, layer, max_size, eps, ridge).hull_size.double()
 
 
@@ -107,7 +116,7 @@ def compact_hull(ctx, layer, max_size=10, eps=0.05, ridge=1e-3):
 
 @register_metric("saturated", needs=("stats",), kind="local", checks=_HULL)
 def saturated(ctx, layer, max_size=10, eps=0.05, ridge=1e-3):
-    """1 where the hull stopped at max_size below (1 - eps) E_full, else 0."""
+    """saturated(i) = 1 if |H_i| = max_size and E_i(H_i) < (1 - eps) * E_full(i), else 0."""
     return _hulls(ctx, layer, max_size, eps, ridge).saturated.double()
 
 
@@ -130,7 +139,12 @@ def _target_excess(ctx, layer, partners, top):
 @register_metric("target_excess", needs=("stats", "target"), kind="target",
                  checks=dict(partners=INT_AT_LEAST_1, top=INT_AT_LEAST_1))
 def target_excess(ctx, layer, partners=50, top=10):
-    """TE(i): mean of the `top` largest S2(i, j) over the `partners` peers of highest R_X(i, j)."""
+    """TE(i) = mean of the `top` largest S2(i, j) over the `partners` peers j of highest R_X(i, j),
+    S2(i, j) = max(0, I(T; Y_i, Y_j) - max(I(T; Y_i), I(T; Y_j))).
+
+    With fewer than `partners` peers all C - 1 are used, with fewer than `top` values all of them;
+    TE = 0 in a one-channel layer.
+    """
     return _target_excess(ctx, layer, partners, top).te
 
 
@@ -165,22 +179,24 @@ def _synergy(ctx, layer, partners, triplets_per_channel, seed):
 @register_metric("s2_mean", needs=("stats", "target"), kind="target", summary=True,
                  checks=_SYNERGY)
 def s2_mean(ctx, layer, partners=50, triplets_per_channel=20, seed=0):
-    """Layer summary: mean S2(i, j) over every channel i and its `partners` top-R_X peers."""
+    """Layer summary mean S2 = mean over every channel i and each of its `partners` peers j of
+    highest R_X(i, j) of S2(i, j) (0 for a layer of fewer than 3 channels)."""
     return _synergy(ctx, layer, partners, triplets_per_channel, seed)[0]
 
 
 @register_metric("s3_mean", needs=("stats", "target"), kind="target", summary=True,
                  checks=_SYNERGY)
 def s3_mean(ctx, layer, partners=50, triplets_per_channel=20, seed=0):
-    """Layer summary: mean S3(i, j, k) over `triplets_per_channel` seeded triplets per channel,
-    j != k drawn from i's top-R_X partners (default, not in the paper)."""
+    """Layer summary mean S3 = mean of S3(i, j, k) = I(T; Y_i, Y_j, Y_k) - max over its pairs of
+    I(T; pair), over `triplets_per_channel` seeded triplets per channel i with j != k drawn from
+    i's `partners` top-R_X peers (default, not in the paper)."""
     return _synergy(ctx, layer, partners, triplets_per_channel, seed)[1]
 
 
 @register_metric("synergy_ratio", needs=("stats", "target"), kind="target", summary=True,
                  checks=_SYNERGY)
 def synergy_ratio(ctx, layer, partners=50, triplets_per_channel=20, seed=0):
-    """Layer summary mean S3 / mean S2 (0 when mean S2 < 1e-12)."""
+    """Layer summary synergy_ratio = mean S3 / mean S2 (0 when mean S2 < 1e-12)."""
     s2, s3 = _synergy(ctx, layer, partners, triplets_per_channel, seed)
     return 0.0 if s2 < 1e-12 else s3 / s2
 
@@ -189,19 +205,21 @@ def synergy_ratio(ctx, layer, partners=50, triplets_per_channel=20, seed=0):
 @register_metric("magnitude_ix", needs=("stats",), kind="composite",
                  checks=dict(alpha=NUMBER, magnitude=("a metric spec such as 'l2'", _valid_spec)))
 def magnitude_ix(ctx, layer, alpha=0.5, magnitude="l2"):
-    """norm(magnitude) + alpha * norm(I_X); METHOD's grid: alpha in {0.25, 0.5, 0.75, 1}."""
+    """magnitude_ix = norm(magnitude) + alpha * norm(I_X), norm = per-layer min-max; the paper's
+    grid: alpha in {0.25, 0.5, 0.75, 1}; ``magnitude`` is any metric spec (default "l2")."""
     return minmax(ctx.metric(magnitude, layer)) + alpha * minmax(ctx.metric("input_capture", layer))
 
 
 @register_metric("ix_rx", needs=("stats",), kind="composite", checks=dict(beta=NUMBER))
 def ix_rx(ctx, layer, beta=0.3):
-    """norm(I_X) - beta * norm(mean R_X); METHOD's grid: beta in {0.15, 0.3, 0.5, 0.7}."""
+    """ix_rx = norm(I_X) - beta * norm(mean R_X), norm = per-layer min-max; the paper's grid:
+    beta in {0.15, 0.3, 0.5, 0.7}."""
     return minmax(ctx.metric("input_capture", layer)) - beta * minmax(ctx.metric("peer_overlap", layer))
 
 
 @register_metric("two_axis", needs=("stats", "target"), kind="composite",
                  checks=dict(alpha=NUMBER, beta=NUMBER))
 def two_axis(ctx, layer, alpha=1.0, beta=0.5):
-    """alpha * norm(I_X) - beta * norm(I(T;Y)), as METHOD §3 defines two_axis(alpha, beta)."""
+    """two_axis = alpha * norm(I_X) - beta * norm(I(T;Y)), norm = per-layer min-max (METHOD §3)."""
     return (alpha * minmax(ctx.metric("input_capture", layer))
             - beta * minmax(ctx.metric("task_information", layer)))

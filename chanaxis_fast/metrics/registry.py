@@ -55,6 +55,18 @@ def one_of(*choices):
 
 @dataclasses.dataclass
 class MetricSpec:
+    """A registered metric, as :func:`get_metric` returns it.
+
+    Fields: ``name``; ``fn(ctx, layer, **params)``, the function; ``needs``, what the calibration
+    must hold ("stats", "target", "patches", "grads", "hrank", "chip") or the model ("bn");
+    ``kind``: "local", "target", "composite", "baseline" or "custom"; ``summary``: True when the
+    metric gives one float per layer instead of one score per channel; ``direction``: +1 when a
+    higher value means keep, -1 when it means removable; ``doc``: the first paragraph of the
+    function's docstring, on one line (its formula), as ``chanaxis-fast metrics`` prints it;
+    ``params``: the parameters after ``(ctx, layer)`` and their defaults; ``checks``: the
+    constraints :func:`check_metric` applies to them (``{param: (description, predicate)}``).
+    """
+
     name: str
     fn: Callable
     needs: Tuple[str, ...]   # what the calibration must hold: "stats", "target", "patches", "grads", "hrank", "chip", "bn"
@@ -112,7 +124,10 @@ def available_metrics(kind: Optional[str] = None) -> List[str]:
 
 
 def get_metric(name: str) -> MetricSpec:
-    """The :class:`MetricSpec` registered as ``name``; UserInputError listing the metrics if none."""
+    """The :class:`MetricSpec` registered as ``name`` (a bare name: parameters go in the spec
+    strings that :func:`score` takes, see :func:`parse_metric`); UserInputError (a ValueError)
+    listing the registered names when there is none, e.g.
+    ``get_metric("peer_overlap").direction == -1``."""
     if name not in _REGISTRY:
         raise UserInputError(f"unknown metric {name!r}; available: {', '.join(available_metrics())}")
     return _REGISTRY[name]
@@ -191,6 +206,7 @@ class MetricContext:
         self._modules = dict(model.named_modules())
 
     def module(self, name: str) -> nn.Module:
+        """The model's submodule ``name`` (as in ``model.named_modules()``); KeyError if absent."""
         if name not in self._modules:
             raise KeyError(f"the model has no module named {name!r}")
         return self._modules[name]
@@ -200,6 +216,7 @@ class MetricContext:
         return self.module(layer).weight.detach().to("cpu", torch.float64)
 
     def num_channels(self, layer: str) -> int:
+        """C, the number of output channels of ``layer``."""
         return self.graph.layers[layer].out_channels
 
     def bn(self, layer: str, metric: str = "") -> nn.Module:
@@ -256,6 +273,7 @@ class Scores:
 
     @property
     def metrics(self) -> List[str]:
+        """Labels of the per-channel metrics held (layer summaries are in ``summaries``)."""
         return list(self.values)
 
     def __getitem__(self, metric: str) -> Dict[str, Tensor]:
@@ -267,6 +285,7 @@ class Scores:
         return metric in self.values or metric in self.summaries
 
     def layer(self, name: str) -> Dict[str, Tensor]:
+        """{metric label: Tensor[C]} of one layer."""
         return {m: v[name] for m, v in self.values.items() if name in v}
 
     def to_pandas(self):

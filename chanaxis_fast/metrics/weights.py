@@ -49,7 +49,7 @@ def _filters(ctx, layer: str) -> Tensor:
 
 @register_metric("l1", kind="baseline")
 def l1(ctx, layer):
-    """L1 norm of each filter: ``sum_d |W[i, d]|`` (Li et al.).
+    """l1(i) = sum_d |W[i, d]|, the L1 norm of each filter (Li et al. 2017).
 
     Equals Torch-Pruning's ``MagnitudeImportance(p=1, group_reduction="first", normalizer=None)``
     on the group rooted at the layer. Bias not included.
@@ -59,7 +59,7 @@ def l1(ctx, layer):
 
 @register_metric("l2", kind="baseline")
 def l2(ctx, layer):
-    """L2 norm of each filter: ``sqrt(sum_d W[i, d]^2)``.
+    """l2(i) = sqrt(sum_d W[i, d]^2), the L2 norm of each filter.
 
     Its square equals Torch-Pruning's ``MagnitudeImportance(p=2, group_reduction="first",
     normalizer=None)`` on the group rooted at the layer. Bias not included.
@@ -77,8 +77,8 @@ def _pairwise_distances(X: Tensor) -> Tensor:
 
 @register_metric("fpgm", kind="baseline")
 def fpgm(ctx, layer):
-    """GM / FPGM: sum of the L2 distances from each filter to the other filters of its layer,
-    ``sum_j ||W_i - W_j||_2`` (He et al. 2019). Filters far from the others are kept.
+    """fpgm(i) = sum_j ||W_i - W_j||_2, the summed L2 distance of each filter to the other filters
+    of its layer (GM / FPGM, He et al. 2019). Filters far from the others are kept.
 
     Distances come from the Gram matrix in float64 (absolute error ~1e-8 * ||W_i|| per pair).
     Not Torch-Pruning's ``FPGMImportance``, which compares ``|W|^p`` element-wise and reduces over
@@ -133,8 +133,8 @@ def geometric_median(points: Tensor, tol: float = 1e-10, max_iter: int = 1000) -
 
 @register_metric("fermat", kind="baseline", checks=dict(tol=POSITIVE, max_iter=INT_AT_LEAST_1))
 def fermat(ctx, layer, tol=1e-10, max_iter=1000):
-    """Fermat: L2 distance of each filter to the layer's geometric median (Fermat point),
-    ``||W_i - GM(W)||_2`` (He et al. 2019; seeds/002). Filters far from the median are kept.
+    """fermat(i) = ||W_i - GM(W)||_2, the L2 distance of each filter to the layer's geometric
+    median (Fermat point; He et al. 2019, Huang et al. 2021). Filters far from the median are kept.
 
     The median comes from :func:`geometric_median` (Weiszfeld / Vardi-Zhang; defaults
     ``tol=1e-10`` relative to the filters' spread, ``max_iter=1000``).
@@ -145,7 +145,8 @@ def fermat(ctx, layer, tol=1e-10, max_iter=1000):
 
 @register_metric("bn_scale", needs=("bn",), kind="baseline")
 def bn_scale(ctx, layer):
-    """BN scale ``|gamma_i|`` of the BatchNorm right after the layer (network slimming, Liu et al.).
+    """bn_scale(i) = |gamma_i| of the BatchNorm right after the layer (network slimming, Liu et al.
+    2017).
 
     MissingInputError when the layer has no BatchNorm after it (or a BatchNorm without affine
     parameters).
@@ -164,7 +165,7 @@ def _layer_seed(seed: int, layer: str) -> int:
 
 @register_metric("random", kind="baseline", checks=dict(seed=INT_OR_NONE))
 def random_scores(ctx, layer, seed=None):
-    """Seeded uniform scores in [0, 1), one draw per channel.
+    """random(i) = u_i ~ Uniform[0, 1), seeded, one draw per channel.
 
     ``seed`` defaults to the ``seed`` option of :func:`score` (``score(..., seed=3)``), else 0. Each
     layer draws from its own generator seeded with ``sha256(f"{seed}:{layer}")``, so scores are
@@ -305,7 +306,9 @@ def _normalize(x: Tensor, how: Optional[str]) -> Tensor:
                  checks=dict(p=POSITIVE, group_reduction=one_of(*GROUP_REDUCTIONS),
                              normalizer=one_of(*NORMALIZERS)))
 def magnitude(ctx, layer, p=2, group_reduction="mean", normalizer="mean", bias=False):
-    """Torch-Pruning's group magnitude importance (``MagnitudeImportance``), on our graph.
+    """magnitude(i) = normalizer(reduce over the group's dependencies d of sum |w_d,i|^p), the
+    p-th powers summed over each dependency's slice w_d,i of channel i: Torch-Pruning's group
+    magnitude importance (``MagnitudeImportance``), on our graph.
 
     For the :func:`channel_group` of the layer, one local importance per dependency,
     ``sum |w|^p`` over each channel's slice (no p-th root): the members' filters (and, with
