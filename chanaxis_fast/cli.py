@@ -338,15 +338,17 @@ def cmd_info(args):
 
 
 def _emit(args, result, text):
+    """The command's result on stdout: JSON with --json (and nothing else there), else text."""
     if args.json:
         print(json.dumps(result, default=str))
-    elif not args.quiet:
+    else:
         print(text)
 
 
 # ============================================================================ parser
 def _add_common(p):
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or status messages (the result is still printed)")
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
 
 

@@ -197,6 +197,7 @@ class DataSource:
 
     @property
     def name(self) -> str:
+        """The kind of data: "mnist", "imagefolder", "cifar10", ..."""
         return self.spec.split(":", 1)[0]
 
 

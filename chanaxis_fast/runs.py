@@ -8,7 +8,7 @@ them in a row. Replacing a step (``--force``) removes its outputs and those of e
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from .errors import UserInputError
 
@@ -60,6 +60,7 @@ class RunFolder:
             self.data = data
 
     def file_path(self, name: str) -> str:
+        """Path of a file in the run folder."""
         return os.path.join(self.path, name)
 
     def step(self, name: str) -> Optional[dict]:
@@ -67,6 +68,7 @@ class RunFolder:
         return self.data["steps"].get(name)
 
     def args(self, name: str) -> Optional[dict]:
+        """The recorded arguments of a step, or None."""
         rec = self.step(name)
         return None if rec is None else rec.get("args")
 
@@ -113,6 +115,7 @@ class RunFolder:
         self.save()
 
     def save(self) -> None:
+        """Write ``run.json`` atomically (the folder is created if needed)."""
         os.makedirs(self.path, exist_ok=True)
         tmp = f"{self.file}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
@@ -135,7 +138,3 @@ def _opt(key: str) -> str:
 def _show(v) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 100 else s[:97] + "..."
-
-
-def missing_steps(folder: RunFolder, needed: List[str]) -> List[str]:
-    return [s for s in needed if folder.step(s) is None]

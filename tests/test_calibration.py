@@ -356,9 +356,10 @@ def test_truncated_checkpoint_is_an_error(tmp_path):
 
 # ---------------------------------------------------------------------- real data
 def test_trained_mnist_cnn_metrics_are_finite():
-    from chanaxis_fast.data import load_mnist, mnist_cnn
+    from chanaxis_fast.data import load_mnist
+    from chanaxis_fast.zoo import load_model
 
-    model = mnist_cnn()
+    model = load_model("mnist_cnn").model
     ds = load_mnist("train", limit=256)
     layers = ["features.0", "features.3", "classifier.0"]
     cal = calibrate(model, DataLoader(ds, batch_size=64), layers=layers, readout="post_act",
