@@ -1,5 +1,5 @@
-"""The analyses of METHOD §5 against scipy, scikit-learn, networkx-free numpy and hand computations,
-on planted structure and on a small BatchNorm CNN trained on MNIST."""
+"""The analyses of METHOD §5 against scipy, scikit-learn, numpy and hand computations, on planted
+structure and on a small BatchNorm CNN trained on MNIST."""
 
 import math
 
@@ -251,7 +251,7 @@ def test_modularity_finds_planted_communities(planted):
     assert row["gap"] == pytest.approx(row["Q_R"] - row["Q_S"])
     graphs = cf.modularity_graphs(stats_map, "planted", top=1.0)["planted"]
     truth = np.repeat([0, 1], 10)
-    for parts, q in ((graphs.r_partition, graphs.q_r), (graphs.s_partition, graphs.q_s)):
+    for parts in (graphs.r_partition, graphs.s_partition):
         assert adjusted_rand_score(truth, _partition_labels(parts, 20)) > 0.99
     # the R-graph's weights from the data with numpy, and Q from them without networkx
     Y = planted["planted"][0].numpy()
@@ -271,7 +271,8 @@ def test_modularity_finds_planted_communities(planted):
     assert df.loc["independent", "Q_R"] < row["Q_R"] - 0.2
     # without a target there is no S-graph
     assert df.loc["one_factor", ["edges_S", "Q_S", "gap", "Q_S_null", "ari"]].isna().all()
-    assert graphs.s_graph is not None and cf.modularity_graphs(stats_map, "one_factor")["one_factor"].s_graph is None
+    assert graphs.s_graph is not None
+    assert cf.modularity_graphs(stats_map, "one_factor")["one_factor"].s_graph is None
 
 
 def test_modularity_keeps_the_top_fraction_of_positive_edges(planted):
