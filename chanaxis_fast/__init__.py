@@ -14,6 +14,8 @@ from .metrics import (MetricSpec, MissingInputError, Scores, available_metrics, 
                       parse_metric, register_metric, score)
 from .stats import ChannelStats, StatsFileError
 from .calibration import Calibration, calibrate
+from .analysis import (criteria_similarity, cross_axis_alignment, hull_statistics, modularity,
+                       modularity_graphs, pruned_overlap, pruned_set_overlap, weight_distribution)
 
 __version__ = "0.1.0"
 
@@ -43,3 +45,5 @@ __all__ = ["ChannelStats", "MetricSpec", "MissingInputError", "ModelGraph", "Sco
            "StatsFileError", "available_metrics", "build_info", "get_metric", "ops", "parse_metric",
            "reference", "register_metric", "score", "trace_model"]
 __all__ += ["Calibration", "calibrate"]
+__all__ += ["criteria_similarity", "cross_axis_alignment", "hull_statistics", "modularity",
+            "modularity_graphs", "pruned_overlap", "pruned_set_overlap", "weight_distribution"]

@@ -6,6 +6,8 @@ import os
 import numpy as np
 from scipy.stats import spearmanr
 
+from .analysis import criteria_similarity
+
 
 def _spearman(a, b) -> float:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -28,20 +30,6 @@ def _table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def criteria_similarity(scores, metrics=None):
-    """Mean over layers of the per-layer Spearman correlation between every pair of metrics
-    (seeds/002 Fig. 4). Returns (metric names, matrix as nested lists)."""
-    metrics = [m for m in (metrics or scores.metrics) if m in scores.values]
-    n = len(metrics)
-    mat = np.full((n, n), np.nan)
-    for i in range(n):
-        for j in range(n):
-            rs = [_spearman(scores[metrics[i]][l], scores[metrics[j]][l]) for l in scores.layers]
-            rs = [r for r in rs if not math.isnan(r)]
-            mat[i, j] = np.mean(rs) if rs else np.nan
-    return metrics, mat
 
 
 def write_report(scores, calibration, out_dir, info) -> str:
@@ -91,14 +79,15 @@ def write_report(scores, calibration, out_dir, info) -> str:
     if ix_all:
         parts += [f"Pooled cross-axis Spearman rho over all {sum(len(a) for a in ix_all)} channels: "
                   f"{_fmt(pooled)}.", ""]
-    names, mat = criteria_similarity(scores)
-    if len(names) > 1:
-        short = [n.split("(")[0] for n in names]
+    if len(scores.metrics) > 1:
+        sim = criteria_similarity(scores)
+        short = [n.split("(")[0] for n in sim.metrics]
         parts += ["## Criteria similarity", "",
-                  "Mean over layers of the per-layer Spearman correlation between criteria "
-                  "(raw values; a metric where higher means removable correlates negatively with "
-                  "the keep-scores).", "",
-                  _table([""] + short, [[s] + list(r) for s, r in zip(short, mat)]), ""]
+                  "Mean over layers of the per-layer Spearman correlation between criteria, each "
+                  "ranked in its pruning order (direction-aware: +1 when two criteria would remove "
+                  "channels in the same order, -1 in the opposite order).", "",
+                  _table([""] + short, [[s] + list(r) for s, r in zip(short, sim.mean.to_numpy())]),
+                  ""]
     if scores.skipped:
         parts += ["## Metrics left out", ""]
         parts += [f"- `{m}`: {why}" for m, why in scores.skipped.items()]
