@@ -7,6 +7,7 @@ from ..stats import ChannelStats
 
 
 def need_scores(scores, who: str) -> Scores:
+    """``scores`` itself when it is a Scores, else TypeError naming ``who``."""
     if not isinstance(scores, Scores):
         raise TypeError(f"{who}: scores must be a chanaxis_fast.Scores (from chanaxis_fast.score), "
                         f"got {type(scores).__name__}")

@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-from torch import nn
 
 from ..calibration import Calibration
 from ..metrics import Scores, parse_metric, score
@@ -33,8 +32,8 @@ def hull_statistics(source):
 
     who = "hull_statistics"
     if isinstance(source, Calibration):
-        # the hull and synergy metrics read only the statistics: an empty module stands in for the model
-        source = score(nn.Module(), source, ["e_full", "hull_size", "saturated", "synergy_ratio"],
+        # the hull and synergy metrics read only the statistics: no model is needed
+        source = score(None, source, ["e_full", "hull_size", "saturated", "synergy_ratio"],
                        missing="skip")
     elif not isinstance(source, Scores):
         raise TypeError(f"{who}: source must be a chanaxis_fast.Scores or Calibration, got "

@@ -203,10 +203,14 @@ class MetricContext:
         self.calibration = calibration
         self.options = dict(options or {})
         self.cache: Dict[object, object] = {}
-        self._modules = dict(model.named_modules())
+        self._modules = dict(model.named_modules()) if model is not None else None
 
     def module(self, name: str) -> nn.Module:
-        """The model's submodule ``name`` (as in ``model.named_modules()``); KeyError if absent."""
+        """The model's submodule ``name`` (as in ``model.named_modules()``); KeyError if absent,
+        MissingInputError when scoring without a model."""
+        if self._modules is None:
+            raise MissingInputError(f"this metric reads the weights of {name!r}; pass the model to "
+                                    f"score() (it was called with model=None)")
         if name not in self._modules:
             raise KeyError(f"the model has no module named {name!r}")
         return self._modules[name]
@@ -369,7 +373,9 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
     """Score every channel of the calibrated layers with each metric.
 
     Args:
-        model: the model the calibration was computed on (weights are read from it).
+        model: the model the calibration was computed on (weights are read from it), or None
+            for metrics that read only the calibration's statistics (the others are then missing
+            inputs, see ``missing``).
         calibration: a :class:`~chanaxis_fast.Calibration` (needed by every data-based metric).
         metrics: metric specs, e.g. ``["l1", "magnitude(p=2, normalizer='lamp')", "two_axis(alpha=1, beta=0.5)"]``.
         layers: a subset of layers (default: the calibration's layers, or the graph's default layers).
@@ -391,8 +397,8 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
         metrics = [metrics]
     if missing not in ("raise", "skip"):
         raise UserInputError(f"score: missing must be 'raise' or 'skip', got {missing!r}")
-    if not isinstance(model, nn.Module):
-        raise UserInputError(f"score: model must be an nn.Module, got {type(model).__name__}")
+    if model is not None and not isinstance(model, nn.Module):
+        raise UserInputError(f"score: model must be an nn.Module or None, got {type(model).__name__}")
     if graph is None:
         if calibration is None:
             raise UserInputError("score: pass a calibration, or a graph (chanaxis_fast.trace_model) "
@@ -404,7 +410,8 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
         if name not in graph.layers:
             raise UserInputError(f"score: unknown layer {name!r}; layers: {', '.join(graph.layers)}")
     parsed = [check_metric(m) for m in metrics]  # every spec is checked before any work
-    provenance = _check_model(model, graph, calibration, layers, allow_other_weights)
+    provenance = ({} if model is None else
+                  _check_model(model, graph, calibration, layers, allow_other_weights))
     ctx = MetricContext(model, graph, calibration, options)
     values: Dict[str, Dict[str, Tensor]] = {}
     summaries: Dict[str, Dict[str, float]] = {}
