@@ -41,6 +41,57 @@ class ModelSetup:
     description: str
 
 
+class BasicBlock(nn.Module):
+    """CIFAR-style residual block: conv3x3-BN-ReLU-conv3x3-BN, plus the input (through a 1x1
+    conv and BN when the stride or the width changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNetMini(nn.Module):
+    """A small CIFAR-style BatchNorm ResNet: a 3x3 stem, three stages (``layer1..3``) of ``blocks``
+    basic blocks of ``widths`` channels (the first block of stages 2 and 3 halves the
+    resolution), global average pooling and a linear classifier ``fc``. The defaults (16/32/64
+    channels, 2 blocks per stage) give 15 convolutions: the stem, 12 in blocks and 2 shortcut
+    projections."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths=(16, 32, 64), blocks: int = 2):
+        super().__init__()
+        if len(widths) != 3:
+            raise UserInputError(f"ResNetMini: widths must give the 3 stages' widths, got {widths!r}")
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
+        c = widths[0]
+        for i, w in enumerate(widths):
+            stage = []
+            for b in range(blocks):
+                stage.append(BasicBlock(c, w, 2 if (i > 0 and b == 0) else 1))
+                c = w
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 def file_sha256(path: str) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
