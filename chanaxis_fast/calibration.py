@@ -287,8 +287,8 @@ def select_layers(model: nn.Module, graph: ModelGraph, layers, readout: str) -> 
     """The layers :func:`calibrate` would calibrate (``layers`` as there), in execution order;
     UserInputError when a layer is not a called Conv2d / Linear or lacks the ``readout`` point."""
     modules = dict(model.named_modules())
-    if layers is None:
-        names = graph.default_layers()
+    if layers is None or layers == "conv+linear":
+        names = graph.default_layers(linear=layers is not None)
         if not names:
             raise UserInputError("calibrate: the model has no default layer (Conv2d with >= 4 outputs, "
                              "classifier excluded); pass layers=")
@@ -663,7 +663,9 @@ def calibrate(
             afterwards, also on error). It must already be on ``device``.
         loader: yields ``(images, labels)`` batches. For ``checkpoint`` resumption it must yield the
             same images in the same order on every run (``shuffle=False`` or a seeded sampler).
-        layers: None (``graph.default_layers()``), a list of module names, a regex that must match
+        layers: None (``graph.default_layers()``: every Conv2d with >= 4 outputs but the
+            classifier), ``"conv+linear"`` (those and every nn.Linear on channels-last maps, e.g.
+            ConvNeXt's MLPs), a list of module names, a regex that must match
             whole module names, or ``callable(name, module) -> bool``. Every selected module must be
             an nn.Conv2d / nn.Linear called in the forward; otherwise ``ValueError`` names it.
             Calibrated layers are kept in execution order.

@@ -98,6 +98,10 @@ class _Space:
     size: int
     segments: Optional[List[Tuple[int, int, int]]] = None  # concat: (space, offset, size)
     opaque: bool = False
+    # BatchNorms applied to the channels (possibly as part of a concatenation): (module, offset
+    # of channel 0 in the module's channels); normalisations that mix or shift channels
+    bns: List[Tuple[str, int]] = dataclasses.field(default_factory=list)
+    norms: List[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -136,7 +140,10 @@ class ModelGraph:
         ra, rb = self.root(a), self.root(b)
         if ra != rb:
             self._parent[max(ra, rb)] = min(ra, rb)
-            self._spaces[min(ra, rb)].opaque |= self._spaces[max(ra, rb)].opaque
+            keep, gone = self._spaces[min(ra, rb)], self._spaces[max(ra, rb)]
+            keep.opaque |= gone.opaque
+            keep.bns += [b for b in gone.bns if b not in keep.bns]
+            keep.norms += [n for n in gone.norms if n not in keep.norms]
         return min(ra, rb)
 
     def _mark_opaque(self, space: int):
@@ -147,6 +154,21 @@ class ModelGraph:
     def is_opaque(self, layer: str) -> bool:
         """Whether the layer's output channels reach an op the tracer does not model."""
         return self._spaces[self.root(self.layers[layer].space)].opaque
+
+    def batch_norms(self, layer: str) -> List[Tuple[str, int]]:
+        """Every BatchNorm applied to the layer's output channels (after residual adds and
+        concatenations too): (module name, index of the layer's channel 0 in its channels)."""
+        return list(self._spaces[self.root(self.layers[layer].space)].bns)
+
+    def normalizations(self, layer: str) -> List[str]:
+        """LayerNorm / GroupNorm / InstanceNorm / LRN modules (or ``F.*`` calls, as "<functional>")
+        that normalise the layer's output channels together: zeroing a channel there does not
+        zero its output."""
+        return list(self._spaces[self.root(self.layers[layer].space)].norms)
+
+    def _on_segments(self, space: int, fn) -> None:
+        for root, off, _ in self._flat_segments(space):
+            fn(self._spaces[root], off)
 
     def _flat_segments(self, space: int, offset: int = 0):
         """(root space, offset, size) pieces of a possibly concatenated space."""
@@ -163,10 +185,13 @@ class ModelGraph:
         """The traced module ``name`` (a graph rebuilt by :meth:`from_state_dict` has none)."""
         return self._modules[name]
 
-    def default_layers(self, min_channels: int = 4) -> List[str]:
-        """Every Conv2d with at least ``min_channels`` outputs, the model's output layer excluded."""
+    def default_layers(self, min_channels: int = 4, linear: bool = False) -> List[str]:
+        """Every Conv2d with at least ``min_channels`` outputs, the model's output layer excluded;
+        with ``linear``, also every nn.Linear acting on channels-last maps ([N, H, W, C], e.g.
+        ConvNeXt's MLPs), whose outputs are channels like a 1x1 conv's."""
         return [n for n, l in self.layers.items()
-                if l.kind == "conv" and l.out_channels >= min_channels and not l.is_output]
+                if l.out_channels >= min_channels and not l.is_output and
+                (l.kind == "conv" or (linear and l.kind == "linear" and len(l.output_shape) >= 3))]
 
     def coupled(self, layer: str) -> List[str]:
         """Layers whose output channels are tied to ``layer``'s channel for channel (residual adds,
@@ -218,7 +243,8 @@ class ModelGraph:
             node = LayerNode(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
             g.layers[node.name] = node
         g._spaces = [_Space(s["size"], None if s["segments"] is None else
-                            [tuple(seg) for seg in s["segments"]], bool(s["opaque"]))
+                            [tuple(seg) for seg in s["segments"]], bool(s["opaque"]),
+                            [tuple(b) for b in s.get("bns", [])], list(s.get("norms", [])))
                      for s in state["spaces"]]
         g._parent = [int(p) for p in state["parent"]]
         return g
@@ -301,6 +327,11 @@ class _Tracer(TorchFunctionMode):
             self._activation(args[0], out)
         elif func in _NORMS or func in _KEEP:
             s = self._get(args[0])
+            if func in _NORMS and s is not None and s.space is not None and self._mixes(func, args, kwargs, s):
+                mod = self.stack[-1] if self.stack else None
+                name = self.names.get(mod, "<functional>") if mod is not None else "<functional>"
+                self.g._on_segments(s.space, lambda sp, off: sp.norms.append(name)
+                                    if name not in sp.norms else None)
             self._set(out, dataclasses.replace(s, source=None) if s else None)
         elif func in _BINARY:
             self._binary(inputs, out)
@@ -314,6 +345,17 @@ class _Tracer(TorchFunctionMode):
             self._reduce(args, kwargs, out)
         else:
             self._opaque(known, out)
+
+    @staticmethod
+    def _mixes(func, args, kwargs, s) -> bool:
+        """Whether a normalisation involves the channel axis (a LayerNorm over the last dims only
+        does when the channels are among them)."""
+        if func is not F.layer_norm:
+            return True
+        x = args[0]
+        shape = kwargs.get("normalized_shape", args[1] if len(args) > 1 else ())
+        n = len(shape) if isinstance(shape, (list, tuple, torch.Size)) else 1
+        return s.cdim % x.dim() >= x.dim() - n
 
     def _opaque(self, known, out):
         for _, s in known:
@@ -359,6 +401,10 @@ class _Tracer(TorchFunctionMode):
     def _batch_norm(self, x, out):
         s = self._get(x)
         mod = self._module(nn.modules.batchnorm._BatchNorm)
+        if mod is not None and s.space is not None and s.cdim % x.dim() == 1:
+            name = self.names[mod]
+            self.g._on_segments(s.space, lambda sp, off: sp.bns.append((name, off))
+                                if (name, off) not in sp.bns else None)
         src = None
         if s.source and s.source[1] == "pre_bn" and mod is not None:
             layer = self.g.layers[s.source[0]]

@@ -265,7 +265,7 @@ class Scores:
 
     def __init__(self, layers: List[str], values: Dict[str, Dict[str, Tensor]],
                  summaries: Dict[str, Dict[str, float]], skipped: Optional[Dict[str, str]] = None,
-                 provenance: Optional[dict] = None):
+                 provenance: Optional[dict] = None, graph: Optional[ModelGraph] = None):
         self.layers = list(layers)
         self.values = values
         self.summaries = summaries
@@ -274,6 +274,7 @@ class Scores:
         # calibration_digest (the calibration's model_digest), other_weights (they differ and
         # score(..., allow_other_weights=True) accepted it)
         self.provenance = dict(provenance or {})
+        self.graph = graph  # the model's traced graph (what the pruning protocol plans on)
 
     @property
     def metrics(self) -> List[str]:
@@ -327,7 +328,8 @@ class Scores:
                  "values": {m: {l: v.detach().cpu().double() for l, v in per.items()}
                             for m, per in self.values.items()},
                  "summaries": {m: {l: float(v) for l, v in per.items()} for m, per in self.summaries.items()},
-                 "skipped": dict(self.skipped), "provenance": dict(self.provenance)}
+                 "skipped": dict(self.skipped), "provenance": dict(self.provenance),
+                 "graph": None if self.graph is None else self.graph.state_dict()}
         state["checksum"] = digest(state)
         return state
 
@@ -341,8 +343,9 @@ class Scores:
         if state.get("checksum") != digest({k: v for k, v in state.items() if k != "checksum"}):
             raise StatsFileError(f"{who}: checksum mismatch, the scores are corrupt")
         try:
+            graph = None if state.get("graph") is None else ModelGraph.from_state_dict(state["graph"])
             return cls(state["layers"], state["values"], state["summaries"], state["skipped"],
-                       state["provenance"])
+                       state["provenance"], graph)
         except KeyError as e:
             raise StatsFileError(f"{who}: incomplete scores state (no {e})") from None
 
@@ -435,7 +438,7 @@ def score(model: nn.Module, calibration=None, metrics: Union[str, Sequence[str]]
             continue
         (summaries if spec.summary else values)[label] = per_layer
     bar.close()
-    return Scores(layers, values, summaries, skipped, provenance)
+    return Scores(layers, values, summaries, skipped, provenance, graph)
 
 
 def _check_model(model: nn.Module, graph: ModelGraph, calibration, layers, allow_other_weights
