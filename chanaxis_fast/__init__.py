@@ -14,6 +14,11 @@ from .metrics import (MetricSpec, MissingInputError, Scores, available_metrics, 
                       parse_metric, register_metric, score)
 from .stats import ChannelStats, StatsFileError
 from .calibration import Calibration, calibrate
+from .errors import UserInputError
+from .flops import FlopsCount, flops
+from .prune import MaskPlan, apply_masks, keep_masked, plan
+from .sweep import SweepResult, classifier_evaluator, classifier_finetuner, sweep
+from .training import evaluate_classifier, finetune_classifier, train_classifier
 from .analysis import (criteria_similarity, cross_axis_alignment, hull_statistics, modularity,
                        modularity_graphs, pruned_overlap, pruned_set_overlap, weight_distribution)
 
@@ -47,3 +52,6 @@ __all__ = ["ChannelStats", "MetricSpec", "MissingInputError", "ModelGraph", "Sco
 __all__ += ["Calibration", "calibrate"]
 __all__ += ["criteria_similarity", "cross_axis_alignment", "hull_statistics", "modularity",
             "modularity_graphs", "pruned_overlap", "pruned_set_overlap", "weight_distribution"]
+__all__ += ["FlopsCount", "MaskPlan", "SweepResult", "UserInputError", "apply_masks",
+            "classifier_evaluator", "classifier_finetuner", "evaluate_classifier",
+            "finetune_classifier", "flops", "keep_masked", "plan", "sweep", "train_classifier"]
