@@ -89,7 +89,7 @@ setup(
     version="0.1.0",
     description="Two-axis channel statistics and pruning criteria for CNNs, with C++/CUDA kernels",
     packages=find_packages(include=["chanaxis_fast", "chanaxis_fast.*"]),
-    package_data={"chanaxis_fast": ["METHOD.md"]},
+    package_data={"chanaxis_fast": ["METHOD.md", "weights/*.pt", "weights/*.json"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",

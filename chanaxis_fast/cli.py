@@ -31,7 +31,15 @@ DEFAULT_METRICS = [
     "l1", "l2", "magnitude", "fpgm", "fermat", "bn_scale", "taylor", "activation_mean",
     "activation_rms", "sfvr", "hrank", "chip", "random",
 ]
-DEFAULT_MODEL, DEFAULT_DATA = "mnist_cnn", "mnist"
+# what the sweep compares by default: the classic criteria, the two axes and their composites
+SWEEP_METRICS = ["l1", "fpgm", "bn_scale", "taylor", "sfvr", "input_capture", "ix_rx(beta=0.3)",
+                 "e_full", "task_information", "target_excess", "two_axis(alpha=1.0, beta=0.5)",
+                 "random"]
+DEFAULT_MODEL, DEFAULT_DATA = "resnet_mini_fmnist", "fashion-mnist"
+DEFAULT_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
+# the demo: ratios dense where accuracy still differs, a short fine-tune at every point
+DEMO = dict(ratios="0.05,0.1,0.15,0.2,0.3,0.4,0.5", finetune_batches=12, finetune_batch_size=128,
+            eval_images=2000, images=5000)
 
 
 # ============================================================================ argument types
@@ -260,6 +268,126 @@ def step_score(args, folder, quiet, model=None, cal=None):
     return model, cal, scores
 
 
+def _ratios(text):
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise UserInputError(f"--ratios: {text!r} is not a comma-separated list of numbers") from None
+    if not ratios:
+        raise UserInputError("--ratios: no ratio given")
+    bad = [r for r in ratios if not 0 < r < 1]
+    if bad:
+        raise UserInputError(f"--ratios: every ratio must lie in (0, 1), got {bad[0]}")
+    if len(set(ratios)) != len(ratios):
+        raise UserInputError(f"--ratios: {text!r} repeats a ratio")
+    return ratios
+
+
+def _sweep_metrics(text, scores=None):
+    """The sweep's metrics: named ones must all be scored; the default set keeps those scored."""
+    from .metrics import parse_metric
+
+    if text:
+        metrics = split_specs(text)
+        if scores is not None:
+            for m in metrics:
+                if m not in scores.values and parse_metric(m)[0] != "random":
+                    raise UserInputError(f"--sweep-metrics: {m!r} was not scored; scored: "
+                                         f"{', '.join(scores.values)} (rescore with --metrics)")
+        return metrics
+    return [m for m in SWEEP_METRICS if scores is None or m in scores.values or m == "random"]
+
+
+def _sweep_args(args):
+    return dict(metrics=args.sweep_metrics, ratios=_ratios(args.ratios), eval_images=args.eval_images,
+                eval_batch_size=args.eval_batch_size, finetune_batches=args.finetune_batches,
+                finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                finetune_batch_size=args.finetune_batch_size, random_seeds=args.random_seeds,
+                allocation=args.allocation, max_ratio=args.max_ratio)
+
+
+def step_sweep(args, folder, quiet, model=None, scores=None):
+    """The FLOPs-matched sweep on the evaluation split, fine-tuning on the training split."""
+    from torch.utils.data import DataLoader
+
+    from . import sweep
+    from .data import check_images, eval_split, open_dataset, seeded_subset
+    from .metrics import Scores
+    from .sweep import classifier_evaluator, classifier_finetuner
+
+    sargs = _sweep_args(args)
+    cargs = folder.require("calibrate", "sweep")
+    folder.require("score", "sweep")
+    if not 0 < args.max_ratio <= 1:
+        raise UserInputError(f"--max-ratio must be in (0, 1], got {args.max_ratio}")
+    device = _device(args.device)
+    if scores is None:
+        scores = Scores.load(folder.file_path("scores.pt"))
+    metrics = _sweep_metrics(args.sweep_metrics, scores)
+    if not metrics:
+        raise UserInputError("--sweep-metrics: none of the metrics to sweep was scored")
+    split = eval_split(cargs["data"])
+    source = open_dataset(cargs["data"], split, image_size=cargs["image_size"])
+    subset = seeded_subset(source.dataset, args.eval_images, cargs["seed"])
+    check_images(source.dataset, subset.indices)
+    folder.check("sweep", sargs, args.force)
+    if model is None:
+        model = _build_model(cargs)
+    model = model.to(device)
+    evaluate = classifier_evaluator(DataLoader(subset, batch_size=args.eval_batch_size,
+                                               num_workers=args.workers), device)
+    finetune = None
+    if args.finetune_batches > 0:
+        train = open_dataset(cargs["data"], "train", image_size=cargs["image_size"]).dataset
+        g = torch.Generator().manual_seed(cargs["seed"])
+        loader = DataLoader(train, batch_size=args.finetune_batch_size, shuffle=True, generator=g,
+                            num_workers=args.workers)
+        finetune = classifier_finetuner(loader, epochs=args.finetune_epochs,
+                                        max_batches=args.finetune_batches, lr=args.finetune_lr,
+                                        device=device, seed=cargs["seed"])
+    if not quiet:
+        _say(f"sweep: {len(metrics)} metrics x {len(sargs['ratios'])} ratios on {len(subset)} "
+             f"{split} images{f', fine-tuning {args.finetune_batches} batches per point' if finetune else ''}")
+    folder.record("sweep", sargs, complete=False)
+    t0 = time.perf_counter()
+    result = sweep(model, scores, metrics, sargs["ratios"], evaluate=evaluate, finetune=finetune,
+                   allocation=args.allocation, max_ratio=args.max_ratio, random_seeds=args.random_seeds,
+                   checkpoint=folder.file_path("sweep.json"), progress=not quiet)
+    result.to_pandas().to_csv(folder.file_path("sweep.csv"), index=False)
+    folder.record("sweep", sargs, complete=True, seconds=round(time.perf_counter() - t0, 2),
+                  eval_split=split, eval_images=len(subset))
+    return model, result
+
+
+def step_report(folder, model=None):
+    """Write index.html, report.md, figures/ and tables/ of the run folder."""
+    from .report import write_report
+
+    if model is None and folder.args("calibrate") is not None:
+        model = _build_model(folder.args("calibrate"))
+    text = write_report(folder.path, model=model.cpu() if model is not None else None)
+    folder.record("report", {}, complete=True)
+    return text
+
+
+def _auc_text(result):
+    table = result.auc_table()
+    cols = ["rank", "metric", "auc_before"] + (["auc_after"] if result.finetuned else [])
+    lines = ["  ".join(f"{c:>12s}" if c != "metric" else f"{c:32s}" for c in cols)]
+    for _, r in table.iterrows():
+        cells = []
+        for c in cols:
+            if c == "metric":
+                cells.append(f"{r[c]:32s}")
+            elif c == "rank":
+                cells.append(f"{int(r[c]):12d}")
+            else:
+                rng = (f" ({r[c + '_min']:.3f}-{r[c + '_max']:.3f})" if r.get("seeds", 1) > 1 else "")
+                cells.append(f"{r[c]:.3f}{rng}".rjust(12))
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
 def _say(text):
     print(text, file=sys.stderr)
 
@@ -290,24 +418,51 @@ def cmd_score(args):
     return 0
 
 
+def cmd_sweep(args):
+    """``chanaxis-fast sweep RUN_DIR``: the FLOPs-matched sweep of a scored run folder."""
+    from .runs import RunFolder, check_out_dir
+
+    folder = RunFolder(check_out_dir(args.run_dir, must_exist=True))
+    _, result = step_sweep(args, folder, args.quiet or args.json)
+    _emit(args, {"out": folder.path, "auc": result.auc_table().to_dict(orient="records")},
+          _auc_text(result) + f"\nwrote {folder.file_path('sweep.json')}")
+    return 0
+
+
+def cmd_report(args):
+    """``chanaxis-fast report RUN_DIR``: write the run folder's report."""
+    from .runs import RunFolder, check_out_dir
+
+    folder = RunFolder(check_out_dir(args.run_dir, must_exist=True))
+    text = step_report(folder)
+    _emit(args, {"out": folder.path, "index": folder.file_path("index.html")},
+          text if not args.quiet else f"wrote {folder.file_path('index.html')}")
+    return 0
+
+
 def cmd_run(args):
-    """``chanaxis-fast run``: calibrate, score and report in a row."""
-    from .report import write_report
+    """``chanaxis-fast run`` / ``demo``: calibrate, score, sweep and report in a row."""
     from .runs import RunFolder
 
     quiet = args.quiet or args.json
-    _metric_specs(args.metrics)  # bad specs fail before the calibration
+    _metric_specs(args.metrics)  # bad specs and ratios fail before the calibration
+    _ratios(args.ratios)
+    _sweep_metrics(args.sweep_metrics)
     folder = RunFolder(_out_dir(args))
+    t0 = time.perf_counter()
     model, cal = step_calibrate(args, folder, quiet)
     model, cal, scores = step_score(args, folder, quiet, model.cpu(), cal)
-    cargs = folder.args("calibrate")
-    info = dict(model=args.model, data=args.data, images=cal.num_images, readout=args.readout,
-                mode=args.mode, seed=args.seed, calibration_s=folder.step("calibrate").get("seconds"),
-                scoring_s=folder.step("score").get("seconds"), skipped=scores.skipped,
-                random_weights=folder.step("calibrate").get("random_weights"), image_size=cargs["image_size"])
-    text = write_report(scores, cal, folder.path, info)
-    _emit(args, {"out": folder.path, "metrics": scores.metrics, "skipped": scores.skipped},
-          f"\n{text}\nwrote {folder.path}/ (calibration.pt, scores.csv, summaries.csv, report.md, axes.png)")
+    result = None
+    if not args.no_sweep:
+        model, result = step_sweep(args, folder, quiet, model, scores)
+    text = step_report(folder, model)
+    seconds = time.perf_counter() - t0
+    summary = {"out": folder.path, "seconds": round(seconds, 1), "metrics": scores.metrics,
+               "skipped": scores.skipped}
+    if result is not None:
+        summary["auc"] = result.auc_table().to_dict(orient="records")
+    body = (_auc_text(result) if result is not None else text)
+    _emit(args, summary, f"{body}\n\n{seconds:.0f} s; report: {folder.file_path('index.html')}")
     return 0
 
 
@@ -352,7 +507,7 @@ def _add_common(p):
     p.add_argument("--json", action="store_true", help="print a machine-readable result on stdout")
 
 
-def _add_calibration(p):
+def _add_calibration(p, images=5000):
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="mnist_cnn (built in, trained), efficientnet_lite0 (ImageNet weights), a "
@@ -366,7 +521,7 @@ def _add_calibration(p):
                    help="input size for image folders (default: the model's, 224)")
     g.add_argument("--data", default=DEFAULT_DATA,
                    help="mnist, fashion-mnist, imagefolder:PATH, cifar10:PATH or cifar100:PATH")
-    g.add_argument("--images", type=_positive_int, default=5000, help="calibration images (seeded subset)")
+    g.add_argument("--images", type=_positive_int, default=images, help="calibration images (seeded subset)")
     g.add_argument("--batch-size", type=_positive_int, default=100)
     g.add_argument("--workers", type=_nonnegative_int, default=0, help="data-loading processes")
     g.add_argument("--seed", type=int, default=0,
@@ -384,8 +539,9 @@ def _add_calibration(p):
     c.add_argument("--checkpoint-seconds", type=_positive_float, default=60.0)
 
 
-def _add_out(p):
-    p.add_argument("--out", default=None, help="run folder (default runs/<model>-<data>-<hash>)")
+def _add_out(p, default=None):
+    p.add_argument("--out", default=default,
+                   help=f"run folder (default {default or 'runs/<model>-<data>-<hash>'})")
     p.add_argument("--force", action="store_true",
                    help="replace a step recorded in --out with other arguments (and what follows it)")
 
@@ -394,17 +550,42 @@ def _add_metrics(p):
     p.add_argument("--metrics", default=None, help="comma-separated metric specs (default: all)")
 
 
+def _add_sweep(p, demo=False):
+    d = DEMO if demo else {}
+    g = p.add_argument_group("sweep")
+    g.add_argument("--sweep-metrics", default=None,
+                   help="metrics to sweep (default: " + ", ".join(SWEEP_METRICS) + ", those scored)")
+    g.add_argument("--ratios", default=d.get("ratios", DEFAULT_RATIOS),
+                   help="fractions of channels removed per layer, comma-separated, in (0, 1)")
+    g.add_argument("--eval-images", type=_positive_int, default=d.get("eval_images", 10000),
+                   help="evaluation images (seeded subset of the test/val split)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=500)
+    g.add_argument("--finetune-batches", type=_nonnegative_int, default=d.get("finetune_batches", 0),
+                   help="fine-tuning batches per epoch at every point (0: no fine-tuning)")
+    g.add_argument("--finetune-epochs", type=_positive_int, default=1)
+    g.add_argument("--finetune-lr", type=_positive_float, default=1e-4 if not demo else 1e-3)
+    g.add_argument("--finetune-batch-size", type=_positive_int, default=d.get("finetune_batch_size", 64))
+    g.add_argument("--random-seeds", type=_positive_int, default=3, help="seeds of the random baseline")
+    g.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    g.add_argument("--max-ratio", type=_positive_float, default=0.95, help="per-layer cap on the ratio")
+
+
 def build_parser():
     """The ``chanaxis-fast`` argument parser (one subparser per command)."""
     parser = _Parser(prog="chanaxis-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("run", help="calibrate, score every channel, write a report")
-    _add_calibration(p)
-    _add_metrics(p)
-    _add_out(p)
-    _add_common(p)
-    p.set_defaults(fn=cmd_run)
+    for name, demo in (("run", False), ("demo", True)):
+        p = sub.add_parser(name, help="calibrate, score, sweep and report in a row" if not demo else
+                           "the built-in experiment: the trained BatchNorm ResNet on Fashion-MNIST, "
+                           "every metric, a fine-tuned FLOPs-matched sweep, the report")
+        _add_calibration(p, images=DEMO["images"] if demo else 5000)
+        _add_metrics(p)
+        _add_sweep(p, demo)
+        p.add_argument("--no-sweep", action="store_true", help="calibrate, score and report only")
+        _add_out(p, default="runs/demo" if demo else None)
+        _add_common(p)
+        p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("calibrate", help="calibrate a model on a seeded data subset")
     _add_calibration(p)
@@ -418,6 +599,20 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="replace a score step with other metrics")
     _add_common(p)
     p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("sweep", help="the FLOPs-matched sweep of a scored run folder")
+    p.add_argument("run_dir", help="a run folder holding scores")
+    _add_sweep(p)
+    p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    p.add_argument("--workers", type=_nonnegative_int, default=0, help="data-loading processes")
+    p.add_argument("--force", action="store_true", help="replace a sweep made with other arguments")
+    _add_common(p)
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("report", help="write the report of a run folder (index.html, report.md)")
+    p.add_argument("run_dir", help="a run folder")
+    _add_common(p)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("metrics", help="list the registered metrics")
     p.add_argument("--json", action="store_true")

