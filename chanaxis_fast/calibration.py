@@ -26,6 +26,7 @@ Everything is float64 and merged with the exact pairwise (Chan et al.) update, s
 depend on the batch size. Long runs can be checkpointed and resumed (``checkpoint=``).
 """
 
+import contextlib
 import itertools
 import os
 import re
@@ -52,7 +53,7 @@ READOUTS = ("pre_bn", "post_bn", "post_act")
 # Configuration entries that define the result: a checkpoint resumes only when they all agree.
 _RESUME_KEYS = ("layers", "mode", "positions_per_image", "target", "readout", "seed", "max_images",
                 "extras", "rank_images", "skip_nonfinite", "dataset_size", "dataset_indices",
-                "model_digest", "data_digest", "first_batch_digest")
+                "model_digest", "data_digest", "first_batch_digest", "amp")
 _DATA_DIFF = {
     "data_digest": "data_digest: the dataset holds other samples (other files, sizes, labels or tensors)",
     "first_batch_digest": "first_batch_digest: the loader's first batch differs (other data, order or "
@@ -655,6 +656,7 @@ def calibrate(
     checkpoint_every: int = 50,
     checkpoint_seconds: Optional[float] = 60.0,
     skip_nonfinite: bool = False,
+    amp: Optional[str] = None,
 ) -> Calibration:
     """Stream the channel statistics (and baseline inputs) of ``model`` over ``loader``.
 
@@ -698,6 +700,9 @@ def calibrate(
         checkpoint_every, checkpoint_seconds: the save schedule above (``checkpoint_seconds=None``:
             by batches only).
         skip_nonfinite: drop rows holding NaN/Inf instead of raising.
+        amp: None, "bf16" or "fp16": run the forward (and Taylor's backward) under
+            ``torch.autocast`` in that dtype; the statistics are still accumulated in float64
+            from the half-precision read-outs.
 
     Raises:
         UserInputError (a ValueError) for bad arguments, detected before the first batch is run.
@@ -725,6 +730,8 @@ def calibrate(
                              f"{checkpoint_seconds!r}")
     if not _is_int(seed):
         raise UserInputError(f"calibrate: seed must be an int, got {seed!r}")
+    if amp not in (None, "bf16", "fp16"):
+        raise UserInputError(f"calibrate: amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if checkpoint is not None:
         check_writable(checkpoint, "calibrate")
     if isinstance(target, str):
@@ -772,7 +779,8 @@ def calibrate(
                   extras=extras, rank_images=rank_images, skip_nonfinite=skip_nonfinite,
                   dataset_size=dataset_size, dataset_indices=dataset_indices(dataset),
                   model_digest=model_digest(model), device=str(device),
-                  data_digest=data_digest(dataset), first_batch_digest=_digest([images0, labels0]))
+                  data_digest=data_digest(dataset), first_batch_digest=_digest([images0, labels0]),
+                  amp=amp)
 
     cal = None
     if checkpoint is not None and os.path.exists(checkpoint):
@@ -943,7 +951,10 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
     N = images.shape[0]
     u = torch.rand(N, P, generator=gen) if mode == "sample" else None
     hooks.reset(u, max(0, min(N, rank_images - cal.num_images)))
-    with torch.enable_grad() if weights else torch.no_grad():
+    amp = cal.config.get("amp")
+    autocast = (torch.autocast(images.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp else contextlib.nullcontext())
+    with torch.enable_grad() if weights else torch.no_grad(), autocast:
         logits = model(images)
         if not isinstance(logits, Tensor):
             raise ValueError(f"calibrate: the model must return a logits tensor, got {type(logits).__name__}")

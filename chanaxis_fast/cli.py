@@ -152,7 +152,8 @@ def _calibration_args(args, model_setup):
         num_classes=args.num_classes, cifar_stem=args.cifar_stem,
         image_size=args.image_size or model_setup.image_size, data=_data_identity(args.data),
         images=args.images, batch_size=args.batch_size, positions=args.positions, mode=args.mode,
-        readout=args.readout, extras=args.extras, rank_images=args.rank_images, seed=args.seed)
+        readout=args.readout, extras=args.extras, rank_images=args.rank_images, seed=args.seed,
+        amp=args.amp, layers=args.layers)
 
 
 def _sha256(path):
@@ -174,7 +175,11 @@ def _build_model(cargs, device=None):
     return setup.model.to(device) if device is not None else setup.model
 
 
-def _preflight(model, subset, num_classes, device, readout):
+def _layers_arg(text):
+    return None if text == "conv" else text
+
+
+def _preflight(model, subset, num_classes, device, readout, layers=None):
     """Everything that can be wrong with the model and the data, checked on two images before any
     work: input size, number of classes, read-out points."""
     from .calibration import select_layers
@@ -198,7 +203,7 @@ def _preflight(model, subset, num_classes, device, readout):
         raise UserInputError(f"--num-classes: the data has labels up to {top} ({num_classes} classes), "
                              f"the model has {K} outputs")
     graph = trace_model(model, x)
-    select_layers(model, graph, None, readout)
+    select_layers(model, graph, layers, readout)
     return x
 
 
@@ -220,7 +225,7 @@ def step_calibrate(args, folder, quiet):
     subset = seeded_subset(source.dataset, args.images, args.seed)
     check_images(source.dataset, subset.indices)
     model = setup.model.to(device)
-    _preflight(model, subset, source.num_classes, device, args.readout)
+    _preflight(model, subset, source.num_classes, device, args.readout, _layers_arg(args.layers))
     done = folder.check("calibrate", cargs, args.force)
     if not quiet:
         _say(f"calibrate: {setup.description}; {len(subset)} images of {args.data} "
@@ -235,7 +240,8 @@ def step_calibrate(args, folder, quiet):
                     readout=args.readout, device=device, seed=args.seed, progress=not quiet,
                     extras=None if args.extras == "none" else args.extras.split(","),
                     rank_images=args.rank_images, checkpoint=folder.file_path("calibration.pt"),
-                    checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds)
+                    checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
+                    amp=args.amp, layers=_layers_arg(args.layers))
     seconds = time.perf_counter() - t0
     folder.record("calibrate", cargs, complete=True, images=cal.num_images, seconds=round(seconds, 2),
                   model_description=setup.description, random_weights=not setup.trained)
@@ -534,6 +540,12 @@ def _add_calibration(p, images=5000):
                    help="baseline inputs to gather: a comma list of sfvr,taylor,hrank,chip or none")
     c.add_argument("--rank-images", type=_positive_int, default=64, help="images used by HRank and CHIP")
     c.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    c.add_argument("--amp", default=None, choices=["bf16", "fp16"],
+                   help="forward under torch.autocast in this dtype (statistics stay float64)")
+    c.add_argument("--layers", default="conv+linear",
+                   help="conv (every Conv2d with >= 4 outputs but the classifier), conv+linear (and "
+                        "nn.Linear layers on channels-last maps, e.g. ConvNeXt MLPs; default) or a "
+                        "regex matching whole module names")
     c.add_argument("--checkpoint-every", type=_positive_int, default=50,
                    help="save the calibration every N batches (and every --checkpoint-seconds)")
     c.add_argument("--checkpoint-seconds", type=_positive_float, default=60.0)

@@ -182,10 +182,13 @@ class SweepResult:
 
         stages = [stage] if stage else (["before", "after"] if self.finetuned else ["before"])
         fig, axes = plt.subplots(1, len(stages), figsize=(6.4 * len(stages), 4.6), squeeze=False)
+        colors = plt.get_cmap("tab20").colors
         for ax, st in zip(axes[0], stages):
-            for m in self.metrics:
+            for i, m in enumerate(self.metrics):
                 x, v, lo, hi = self.curve(m, stage=st, y=y)
-                line, = ax.plot(100 * x, v, marker="o", ms=3, lw=1.4,
+                is_random = m.split("(")[0] == "random"
+                line, = ax.plot(100 * x, v, marker="o", ms=3, lw=1.4, ls="--" if is_random else "-",
+                                color="black" if is_random else colors[(2 * i) % 20 + (2 * i // 20) % 2],
                                 label=f"{m} (AUC {self.auc(m, stage=st, y=y):.3f})")
                 if np.any(hi > lo):
                     ax.fill_between(100 * x, lo, hi, color=line.get_color(), alpha=0.15)

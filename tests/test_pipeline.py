@@ -80,22 +80,30 @@ def test_every_metric_is_finite_for_every_layer_on_mnist(trained_bnnet):
 
 def test_command_line_run_on_mnist(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "--images", "300", "--batch-size", "100", "--out", str(out), "--quiet"]) == 0
-    for f in ("scores.csv", "summaries.csv", "report.md", "axes.png", "calibration.pt", "run.json"):
+    args = ["run", "--model", "mnist_cnn", "--data", "mnist", "--images", "300", "--batch-size", "100",
+            "--rank-images", "8", "--ratios", "0.25,0.5", "--eval-images", "300", "--out", str(out),
+            "--quiet"]
+    assert main(args) == 0
+    for f in ("scores.csv", "summaries.csv", "report.md", "index.html", "figures/axes.png",
+              "figures/retention.png", "tables/headline.csv", "calibration.pt", "run.json", "sweep.json"):
         assert (out / f).exists(), f
     import pandas as pd
 
     df = pd.read_csv(out / "scores.csv")
     assert set(df["layer"]) == {"features.0", "features.3"} and len(df) == 32 + 64
     steps = json.loads((out / "run.json").read_text())["steps"]
-    assert steps["calibrate"]["images"] == 300
+    assert steps["calibrate"]["images"] == 300 and steps["sweep"]["eval_images"] == 300
     assert "bn_scale" in steps["score"]["skipped"]  # the MNIST CNN has no BatchNorm
     report = (out / "report.md").read_text()
-    assert "features.3" in report and "Criteria similarity" in report
-    # running again resumes from the finished checkpoint and gives the same scores
-    assert main(["run", "--images", "300", "--batch-size", "100", "--out", str(out), "--quiet"]) == 0
+    assert "features.3" in report and "Criteria similarity" in report and "FLOPs-matched" in report
+    headline = pd.read_csv(out / "tables" / "headline.csv")
+    assert "random" in set(headline["metric"]) and "bn_scale" not in set(headline["metric"])
+    # running again reuses the finished steps and gives the same scores and sweep
+    sweep = (out / "sweep.json").read_text()
+    assert main(args) == 0
     pd.testing.assert_frame_equal(pd.read_csv(out / "scores.csv"), df)
-    assert "input_capture" in capsys.readouterr().out
+    assert (out / "sweep.json").read_text() == sweep
+    assert "auc_before" in capsys.readouterr().out
 
 
 def test_command_line_on_an_image_folder_with_a_torchvision_model(tmp_path):
@@ -109,7 +117,7 @@ def test_command_line_on_an_image_folder_with_a_torchvision_model(tmp_path):
     assert main(["run", "--model", "torchvision:resnet18", "--num-classes", "3", "--image-size", "32",
                  "--data", f"imagefolder:{tmp_path / 'data'}", "--images", "12", "--batch-size", "6",
                  "--metrics", "l1,input_capture,two_axis(alpha=1, beta=0.5)", "--out", str(out),
-                 "--quiet"]) == 0
+                 "--no-sweep", "--quiet"]) == 0
     import pandas as pd
 
     df = pd.read_csv(out / "scores.csv")
