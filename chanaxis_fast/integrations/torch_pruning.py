@@ -12,7 +12,8 @@ How our groups map onto Torch-Pruning's: a Torch-Pruning group is rooted at one 
 layer and holds every layer whose output channels are removed with it (residual streams,
 depthwise convs) plus their BatchNorms and consumers. Its importance here is, per channel, the
 mean of ``direction * score`` over those of its out-channel layers that the scores hold (the
-group score of :func:`chanaxis_fast.plan`), so Torch-Pruning removes the lowest, exactly the
+group score of :func:`chanaxis_fast.plan`; depthwise convs count, as in our groups), so
+Torch-Pruning removes the lowest, exactly the
 channels a uniform :func:`~chanaxis_fast.plan` masks at the same per-layer counts (Torch-Pruning
 removes ``C - int(C * (1 - ratio))`` channels of a group, ``floor(C * ratio)`` when ``C * ratio``
 is an integer). A group none of whose layers was scored gets ``None``: Torch-Pruning leaves it.
