@@ -139,6 +139,25 @@ class PatchStats:
                          * (n_a.double() * n_b.double() / nd)[:, None, None])
         self.count = n
 
+    def all_reduce(self, group=None) -> "PatchStats":
+        """Combine the statistics of every process (torch.distributed), in place, exactly: as
+        :meth:`ChannelStats.all_reduce <chanaxis_fast.ChannelStats.all_reduce>`, group by group."""
+        import torch.distributed as dist
+
+        if self.mean is None:
+            raise RuntimeError("PatchStats.all_reduce: this process holds no statistics; construct "
+                               "PatchStats(groups, features) on every process")
+        n_k = self.count.double()
+        sums = torch.cat([n_k[:, None], self.mean * n_k[:, None]], 1)
+        dist.all_reduce(sums, group=group)
+        n = sums[:, 0]
+        mean = sums[:, 1:] / n.clamp_min(1)[:, None]
+        d = self.mean - mean
+        M = self.comoment + d[:, :, None] * d[:, None, :] * n_k[:, None, None]
+        dist.all_reduce(M, group=group)
+        self.count, self.mean, self.comoment = n.round().long(), mean, M
+        return self
+
     def covariance(self) -> Tensor:
         """Unbiased covariances ``M / (n - 1)``, float64 [G, F, F]."""
         if self.count is None or bool((self.count < 2).any()):
@@ -385,6 +404,7 @@ class Calibration:
         self.rank_counts: Dict[str, int] = {}
         self.num_images = 0
         self.num_batches = 0
+        self.stream_images = 0  # images the position stream has passed (distributed: all ranks')
         self.complete = False
         self.generator_state: Optional[Tensor] = None
 
@@ -421,7 +441,8 @@ class Calibration:
             "chip_sums": {l: s.cpu() for l, s in self.chip_sums.items()},
             "rank_counts": dict(self.rank_counts),
             "progress": {"images": self.num_images, "batches": self.num_batches,
-                         "complete": self.complete, "generator": self.generator_state},
+                         "complete": self.complete, "generator": self.generator_state,
+                         "stream_images": self.stream_images},
         }
         state["checksum"] = _digest(state)
         return state
@@ -450,6 +471,7 @@ class Calibration:
             p = state["progress"]
             cal.num_images, cal.num_batches = int(p["images"]), int(p["batches"])
             cal.complete, cal.generator_state = bool(p["complete"]), p["generator"]
+            cal.stream_images = int(p.get("stream_images", cal.num_images))
         except StatsFileError:
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as e:
@@ -657,6 +679,7 @@ def calibrate(
     checkpoint_seconds: Optional[float] = 60.0,
     skip_nonfinite: bool = False,
     amp: Optional[str] = None,
+    distributed: Optional[bool] = None,
 ) -> Calibration:
     """Stream the channel statistics (and baseline inputs) of ``model`` over ``loader``.
 
@@ -703,6 +726,12 @@ def calibrate(
         amp: None, "bf16" or "fp16": run the forward (and Taylor's backward) under
             ``torch.autocast`` in that dtype; the statistics are still accumulated in float64
             from the half-precision read-outs.
+        distributed: split the batches among the processes of ``torch.distributed`` and merge
+            the statistics (see :mod:`chanaxis_fast.distributed`); None (default): when it is
+            initialised with more than one process. Every process must pass the same loader
+            (``shuffle=False``); the result equals a single-process calibration (to float64
+            rounding) on every rank, rank 0 writes ``checkpoint`` (each rank keeps its partial
+            checkpoint in ``checkpoint.rank{r}of{w}`` until the end).
 
     Raises:
         UserInputError (a ValueError) for bad arguments, detected before the first batch is run.
@@ -753,11 +782,26 @@ def calibrate(
             raise UserInputError(f"calibrate: the model's {name!r} is on {p.device}, not on device={device}; "
                              f"move the model first")
 
-    it = iter(loader)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise UserInputError("calibrate: the loader yielded no batch") from None
+    from . import distributed as dist_tools
+
+    dist_on = dist_tools.active(distributed)
+    rank, world = dist_tools.rank_and_world() if dist_on else (0, 1)
+    if dist_on:
+        batches = dist_tools.global_batches(loader, max_images)
+        if not batches:
+            raise UserInputError("calibrate: the loader yielded no batch")
+        first = next(iter(dist_tools.shard_loader(loader, batches[:1])))
+        offsets = [0]
+        for b in batches[:-1]:
+            offsets.append(offsets[-1] + len(b))
+        mine = [(offsets[j], batches[j]) for j in range(rank, len(batches), world)]
+        it = None
+    else:
+        it = iter(loader)
+        try:
+            first = next(it)
+        except StopIteration:
+            raise UserInputError("calibrate: the loader yielded no batch") from None
     images0, labels0 = _unpack(first)
     if images0.shape[0] == 0:
         raise UserInputError("calibrate: the loader's first batch holds 0 images")
@@ -782,6 +826,11 @@ def calibrate(
                   data_digest=data_digest(dataset), first_batch_digest=_digest([images0, labels0]),
                   amp=amp)
 
+    final_checkpoint = checkpoint
+    if dist_on and checkpoint is not None:
+        finished = os.path.exists(checkpoint) and Calibration.load(checkpoint, device).complete
+        if not finished:  # each rank keeps its own partial checkpoint until the merge
+            checkpoint = f"{os.fspath(checkpoint)}.rank{rank}of{world}"
     cal = None
     if checkpoint is not None and os.path.exists(checkpoint):
         cal = Calibration.load(checkpoint, device)
@@ -819,10 +868,33 @@ def calibrate(
         except TypeError:
             total = None
         resume_batches, resume_images = cal.num_batches, cal.num_images
+        if dist_on:
+            total = len(mine)
+            done_images = sum(len(b) for _, b in mine[:resume_batches])
+            if done_images != resume_images:
+                raise UserInputError(f"calibrate: the checkpoint of rank {rank} holds {resume_images} "
+                                     f"images, its first {resume_batches} batches {done_images}")
+            todo = mine[resume_batches:]
+            stream = zip((off for off, _ in todo),
+                         dist_tools.shard_loader(loader, [b for _, b in todo]) if todo else [])
         with sigterm_as_interrupt(), tqdm(total=total, disable=not progress, unit="batch",
-                                          desc="calibrate") as bar:
+                                          desc="calibrate" if not dist_on else f"calibrate [{rank}]") as bar:
             pulled, skip_images = 0, 0
-            for batch in itertools.chain([first], it):
+            if dist_on:
+                bar.update(resume_batches)
+                pulled = resume_batches
+                for off, batch in stream:
+                    pulled += 1
+                    images, labels = _unpack(batch)
+                    _advance(gen, cal, off, mode, positions_per_image)
+                    _run_batch(model, cal, hooks, gen, images.to(device), labels.to(device), target_fn,
+                               weights, mode, positions_per_image, rank_images, image_offset=off)
+                    bar.update(1)
+                    if checkpoint is not None and schedule.due(cal.num_batches):
+                        cal.save(checkpoint)
+                        schedule.saved(cal.num_batches)
+                skip_images = resume_images
+            for batch in (itertools.chain([first], it) if not dist_on else ()):
                 pulled += 1
                 images, labels = _unpack(batch)
                 if pulled <= resume_batches:  # resuming: these batches are in the checkpoint
@@ -847,14 +919,27 @@ def calibrate(
                              f"{resume_batches}; it must yield the same batches to resume")
         if pulled == resume_batches:
             _check_skipped(skip_images, resume_batches, resume_images)
+        if dist_on:
+            if checkpoint is not None and schedule.unsaved(cal.num_batches):
+                cal.save(checkpoint)  # this rank's part is safe before the collective merge
+                schedule.saved(cal.num_batches)
+            dist_tools.all_reduce_calibration(cal)
+            checkpoint = final_checkpoint if rank == 0 else None
         if cal.num_images == 0:
             raise ValueError("calibrate: the loader yielded no images")
         cal.complete = True
         cal.config.update(num_images=cal.num_images, num_batches=cal.num_batches)
         if checkpoint is not None:
             cal.save(checkpoint)
+        if dist_on and final_checkpoint is not None:
+            import torch.distributed as dist
+
+            dist.barrier()  # the merged file is written: the partial ones can go
+            part = f"{os.fspath(final_checkpoint)}.rank{rank}of{world}"
+            if os.path.exists(part):
+                os.remove(part)
     except BaseException:
-        if checkpoint is not None and schedule.unsaved(cal.num_batches):
+        if checkpoint is not None and schedule.unsaved(cal.num_batches) and not cal.complete:
             cal.save(checkpoint)  # never lose the batches done since the last checkpoint
         raise
     finally:
@@ -945,12 +1030,23 @@ def _taylor_grads(model, hooks: _Pass, weights, logits, images, labels, skip_non
             for (l, w), gi in zip(weights.items(), g)}
 
 
+def _advance(gen, cal, offset: int, mode: str, P: int) -> None:
+    """Move the position stream to image ``offset`` (distributed: over other ranks' images)."""
+    skip = offset - cal.stream_images
+    if skip < 0:
+        raise RuntimeError(f"calibrate: the position stream is at image {cal.stream_images}, past {offset}")
+    if skip and mode == "sample":
+        torch.rand(skip, P, generator=gen)
+    cal.stream_images = offset
+
+
 def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights, mode, P,
-               rank_images):
+               rank_images, image_offset=None):
     """One forward (with grad for Taylor), then fold everything in; nothing is folded on error."""
     N = images.shape[0]
     u = torch.rand(N, P, generator=gen) if mode == "sample" else None
-    hooks.reset(u, max(0, min(N, rank_images - cal.num_images)))
+    offset = cal.num_images if image_offset is None else image_offset  # in loader order
+    hooks.reset(u, max(0, min(N, rank_images - offset)))
     amp = cal.config.get("amp")
     autocast = (torch.autocast(images.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp else contextlib.nullcontext())
@@ -993,4 +1089,5 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
         cal.rank_counts[l] += k
     cal.num_images += N
     cal.num_batches += 1
+    cal.stream_images = offset + N
     cal.generator_state = gen.get_state()

@@ -297,7 +297,8 @@ def _point_list(metrics: Sequence[str], ratios: Sequence[float], random_seeds: i
 def sweep(model: nn.Module, scores, metrics: Sequence[str], ratios: Sequence[float] = DEFAULT_RATIOS, *,
           evaluate: Callable, finetune: Optional[Callable] = None, allocation: str = "uniform",
           max_ratio: float = 0.95, coupled: str = "group", random_seeds: int = 3,
-          checkpoint=None, progress: bool = True, points=None) -> SweepResult:
+          checkpoint=None, progress: bool = True, points=None,
+          distributed: Optional[bool] = None) -> SweepResult:
     """Plan, mask and evaluate every (metric, ratio); optionally fine-tune and evaluate again.
 
     Args:
@@ -318,9 +319,13 @@ def sweep(model: nn.Module, scores, metrics: Sequence[str], ratios: Sequence[flo
             points and ends with the same result. A checkpoint of another sweep (other model,
             metrics, ratios, allocation, fine-tuning, scores) raises UserInputError and is left
             untouched.
-        points: evaluate only these indices of the point list (for distributed sweeps, see
-            :func:`chanaxis_fast.distributed`); default all.
+        points: evaluate only these indices of the point list; default all.
+        distributed: spread the points over the processes of ``torch.distributed`` (point ``i``
+            on rank ``i % world``) and gather them, so every rank returns the whole result and
+            rank 0 writes ``checkpoint`` (each rank keeps its own ``checkpoint.rank{r}of{w}``
+            until the end); None (default): when it is initialised with more than one process.
     """
+    from . import distributed as dist_tools
     from .metrics import Scores, parse_metric, score
 
     if not isinstance(scores, Scores):
@@ -349,6 +354,11 @@ def sweep(model: nn.Module, scores, metrics: Sequence[str], ratios: Sequence[flo
         raise UserInputError("sweep: these scores carry no model graph (score them with a calibration)")
     all_points = _point_list(metrics, ratios, random_seeds)
     todo_idx = list(range(len(all_points))) if points is None else list(points)
+    dist_on = dist_tools.active(distributed)
+    rank, world = dist_tools.rank_and_world() if dist_on else (0, 1)
+    if dist_on:
+        todo_idx = [i for i in todo_idx if i % world == rank]
+    final_checkpoint = checkpoint
 
     config = dict(model_digest=model_digest(model), scores_digest=digest(scores.state_dict()["checksum"]),
                   metrics=metrics, ratios=ratios, allocation=allocation, max_ratio=max_ratio,
@@ -357,15 +367,19 @@ def sweep(model: nn.Module, scores, metrics: Sequence[str], ratios: Sequence[flo
                   finetune=None if finetune is None else getattr(finetune, "config", "custom"))
     done: Dict[tuple, dict] = {}
     dense = None
-    if checkpoint is not None and os.path.exists(checkpoint):
-        old = SweepResult.from_json(checkpoint)
+    files = [] if checkpoint is None else [checkpoint] + (
+        [f"{os.fspath(checkpoint)}.rank{rank}of{world}"] if dist_on else [])
+    for path in [f for f in files if os.path.exists(f)]:
+        old = SweepResult.from_json(path)
         diff = [k for k in config if old.config.get(k) != config[k]]
         if diff:
-            raise UserInputError(f"sweep: checkpoint {os.fspath(checkpoint)!r} belongs to another sweep "
+            raise UserInputError(f"sweep: checkpoint {os.fspath(path)!r} belongs to another sweep "
                                  f"({', '.join(diff)} differ); delete it or pass another checkpoint")
-        done = {(p["metric"], p["seed"], p["ratio"]): p for p in old.points}
+        done.update({(p["metric"], p["seed"], p["ratio"]): p for p in old.points})
         dense = old.dense
-    elif checkpoint is not None:
+    if dist_on and checkpoint is not None:
+        checkpoint = files[-1]
+    if checkpoint is not None and not os.path.exists(checkpoint):
         from .runtime import check_writable
 
         check_writable(checkpoint, "sweep")
@@ -424,6 +438,20 @@ def sweep(model: nn.Module, scores, metrics: Sequence[str], ratios: Sequence[flo
             bar.update(1)
     if finetune is not None:
         del work
+    if dist_on:
+        record(result)  # this rank's points are safe before the collective gather
+        gathered = dist_tools.gather_points([(i, p) for i, p in zip(todo_idx, result.points)])
+        result.points = [p for _, p in gathered]
+        checkpoint = final_checkpoint if rank == 0 else None
+        record(result)
+        if final_checkpoint is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
+            part = f"{os.fspath(final_checkpoint)}.rank{rank}of{world}"
+            if os.path.exists(part):
+                os.remove(part)
+        return result
     record(result)
     return result
 
