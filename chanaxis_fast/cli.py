@@ -213,6 +213,7 @@ def step_calibrate(args, folder, quiet):
 
     from . import calibrate
     from .data import check_images, open_dataset, seeded_subset
+    from .distributed import barrier
     from .zoo import load_model
 
     device = _device(args.device)
@@ -232,8 +233,10 @@ def step_calibrate(args, folder, quiet):
              f"({'resuming' if done else 'new'}) -> {folder.path}")
     folder.record("calibrate", cargs, complete=False, model_description=setup.description,
                   random_weights=not setup.trained)
-    with open(folder.file_path("calibration.pt.indices.json"), "w") as f:
-        json.dump({"data": args.data, "root": source.root, "indices": list(subset.indices)}, f)
+    barrier()  # under torchrun: rank 0 has made the folder (and cleared it with --force)
+    if _writer():
+        with open(folder.file_path("calibration.pt.indices.json"), "w") as f:
+            json.dump({"data": args.data, "root": source.root, "indices": list(subset.indices)}, f)
     loader = DataLoader(subset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     t0 = time.perf_counter()
     cal = calibrate(model, loader, positions_per_image=args.positions, mode=args.mode,
@@ -266,9 +269,10 @@ def step_score(args, folder, quiet, model=None, cal=None):
     scores = score(model, cal, metrics, missing="raise" if args.metrics else "skip",
                    progress=not quiet)
     seconds = time.perf_counter() - t0
-    scores.save(folder.file_path("scores.pt"))
-    scores.to_csv(folder.file_path("scores.csv"))
-    scores.summaries_to_pandas().to_csv(folder.file_path("summaries.csv"), index_label="layer")
+    if _writer():
+        scores.save(folder.file_path("scores.pt"))
+        scores.to_csv(folder.file_path("scores.csv"))
+        scores.summaries_to_pandas().to_csv(folder.file_path("summaries.csv"), index_label="layer")
     folder.record("score", {"metrics": metrics}, complete=True, seconds=round(seconds, 2),
                   skipped=scores.skipped)
     return model, cal, scores
@@ -318,6 +322,7 @@ def step_sweep(args, folder, quiet, model=None, scores=None):
 
     from . import sweep
     from .data import check_images, eval_split, open_dataset, seeded_subset
+    from .distributed import barrier
     from .metrics import Scores
     from .sweep import classifier_evaluator, classifier_finetuner
 
@@ -355,11 +360,13 @@ def step_sweep(args, folder, quiet, model=None, scores=None):
         _say(f"sweep: {len(metrics)} metrics x {len(sargs['ratios'])} ratios on {len(subset)} "
              f"{split} images{f', fine-tuning {args.finetune_batches} batches per point' if finetune else ''}")
     folder.record("sweep", sargs, complete=False)
+    barrier()
     t0 = time.perf_counter()
     result = sweep(model, scores, metrics, sargs["ratios"], evaluate=evaluate, finetune=finetune,
                    allocation=args.allocation, max_ratio=args.max_ratio, random_seeds=args.random_seeds,
                    checkpoint=folder.file_path("sweep.json"), progress=not quiet)
-    result.to_pandas().to_csv(folder.file_path("sweep.csv"), index=False)
+    if _writer():
+        result.to_pandas().to_csv(folder.file_path("sweep.csv"), index=False)
     folder.record("sweep", sargs, complete=True, seconds=round(time.perf_counter() - t0, 2),
                   eval_split=split, eval_images=len(subset))
     return model, result
@@ -369,6 +376,8 @@ def step_report(folder, model=None):
     """Write index.html, report.md, figures/ and tables/ of the run folder."""
     from .report import write_report
 
+    if not _writer():
+        return ""
     if model is None and folder.args("calibrate") is not None:
         model = _build_model(folder.args("calibrate"))
     text = write_report(folder.path, model=model.cpu() if model is not None else None)
@@ -394,8 +403,16 @@ def _auc_text(result):
     return "\n".join(lines)
 
 
+def _writer() -> bool:
+    """Whether this process writes files and prints (rank 0 under torchrun)."""
+    from .distributed import rank_and_world
+
+    return rank_and_world()[0] == 0
+
+
 def _say(text):
-    print(text, file=sys.stderr)
+    if _writer():
+        print(text, file=sys.stderr)
 
 
 # ============================================================================ commands
@@ -500,6 +517,8 @@ def cmd_info(args):
 
 def _emit(args, result, text):
     """The command's result on stdout: JSON with --json (and nothing else there), else text."""
+    if not _writer():
+        return
     if args.json:
         print(json.dumps(result, default=str))
     else:
@@ -644,9 +663,13 @@ def main(argv=None):
     from .runtime import Terminated
     from .stats import StatsFileError
 
+    from .distributed import init_from_environment
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if init_from_environment(getattr(args, "device", None)):  # under torchrun
+            args.quiet = args.quiet or not _writer()
         return args.fn(args)
     except (UserInputError, StatsFileError) as e:
         sys.stderr.write(f"chanaxis-fast {args.command}: error: {' '.join(str(e).split())}\n")

@@ -54,6 +54,14 @@ def init_from_environment(device: Optional[str] = None) -> bool:
     return True
 
 
+def barrier() -> None:
+    """torch.distributed.barrier() when initialised, else nothing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def global_batches(loader, max_images: Optional[int] = None) -> List[List[int]]:
     """The index lists of every batch ``loader`` yields, in order, the last truncated at
     ``max_images`` images in all. Needs a map-style dataset and a (batch) sampler that yields the

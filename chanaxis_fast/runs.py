@@ -95,15 +95,21 @@ class RunFolder:
 
     def clear_from(self, name: str) -> None:
         """Remove the outputs and records of step ``name`` and every later step."""
+        import glob
         import shutil
 
+        from .distributed import rank_and_world
+
         for step in STEPS[STEPS.index(name):]:
-            for out in OUTPUTS[step]:
-                p = self.file_path(out)
-                if os.path.isdir(p):
-                    shutil.rmtree(p)
-                elif os.path.exists(p):
-                    os.remove(p)
+            if rank_and_world()[0] == 0:
+                for out in OUTPUTS[step]:
+                    p = self.file_path(out)
+                    if os.path.isdir(p):
+                        shutil.rmtree(p)
+                    elif os.path.exists(p):
+                        os.remove(p)
+                    for part in glob.glob(glob.escape(p) + ".rank*"):  # distributed partials
+                        os.remove(part)
             self.data["steps"].pop(step, None)
         self.save()
 
@@ -115,8 +121,13 @@ class RunFolder:
         self.save()
 
     def save(self) -> None:
-        """Write ``run.json`` atomically (the folder is created if needed)."""
+        """Write ``run.json`` atomically (the folder is created if needed); under
+        torch.distributed only rank 0 writes."""
+        from .distributed import rank_and_world
+
         os.makedirs(self.path, exist_ok=True)
+        if rank_and_world()[0] != 0:
+            return
         tmp = f"{self.file}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(self.data, f, indent=2, default=str)

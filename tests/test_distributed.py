@@ -98,3 +98,35 @@ def test_distributed_sweep_equals_one_process(tmp_path):
         result = cf.SweepResult.from_json(tmp_path / name)
         assert result.points == single.points
     assert not any(".rank" in f for f in os.listdir(tmp_path))
+
+
+def test_torchrun_command_line_equals_one_process(tmp_path):
+    """``torchrun -m chanaxis_fast calibrate / score / sweep`` against the same commands in one
+    process (one thread each, so that the float32 forward passes are bit for bit the same)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(cf.__file__)))] + sys.path))
+    common = ["--model", "mnist_cnn", "--data", "mnist", "--images", "60", "--batch-size", "10",
+              "--extras", "taylor,hrank", "--rank-images", "8", "--quiet"]
+    sweep = ["--sweep-metrics", "l1,input_capture,random", "--ratios", "0.3,0.6", "--eval-images", "100",
+             "--random-seeds", "2", "--quiet"]
+
+    def run(prefix, out):
+        for cmd in (["calibrate", *common, "--out", out], ["score", out, "--metrics", "l1,input_capture,taylor"],
+                    ["sweep", out, *sweep]):
+            r = subprocess.run(prefix + cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-2000:]
+
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "chanaxis_fast"], "multi")
+    run([sys.executable, "-m", "chanaxis_fast"], "single")
+    a = cf.Calibration.load(tmp_path / "single" / "calibration.pt")
+    b = cf.Calibration.load(tmp_path / "multi" / "calibration.pt")
+    for l in a.layers:
+        torch.testing.assert_close(b.stats[l].comoment, a.stats[l].comoment, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(b.grads[l], a.grads[l], rtol=1e-10, atol=1e-12)
+    assert not any(".rank" in f for f in os.listdir(tmp_path / "multi"))
+    sa = cf.SweepResult.from_json(tmp_path / "single" / "sweep.json")
+    sb = cf.SweepResult.from_json(tmp_path / "multi" / "sweep.json")
+    assert sa.points == sb.points and len(sa.points) == 2 * 4
