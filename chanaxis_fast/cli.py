@@ -144,16 +144,25 @@ def _data_identity(spec):
     return f"{kind}:{os.path.abspath(os.path.expanduser(path))}" if path else spec
 
 
-def _calibration_args(args, model_setup):
+def _calibration_args(args, model_setup, subset):
+    """What defines a calibration's result: the arguments, and digests of the weights file and
+    of the selected samples (so other contents under the same paths are refused, not resumed)."""
+    from .digest import data_digest
+
     weights = os.path.abspath(args.weights) if args.weights else None
     return dict(
         model=args.model, weights=weights,
         weights_sha256=_sha256(weights) if weights else None,
         num_classes=args.num_classes, cifar_stem=args.cifar_stem,
-        image_size=args.image_size or model_setup.image_size, data=_data_identity(args.data),
+        image_size=_image_size(args, model_setup), data=_data_identity(args.data),
+        data_digest=data_digest(subset),
         images=args.images, batch_size=args.batch_size, positions=args.positions, mode=args.mode,
         readout=args.readout, extras=args.extras, rank_images=args.rank_images, seed=args.seed,
         amp=args.amp, layers=args.layers)
+
+
+def _image_size(args, model_setup):
+    return args.image_size or model_setup.image_size
 
 
 def _sha256(path):
@@ -203,7 +212,10 @@ def _preflight(model, subset, num_classes, device, readout, layers=None):
         raise UserInputError(f"--num-classes: the data has labels up to {top} ({num_classes} classes), "
                              f"the model has {K} outputs")
     graph = trace_model(model, x)
-    select_layers(model, graph, layers, readout)
+    try:
+        select_layers(model, graph, layers, readout)
+    except UserInputError as e:
+        raise UserInputError(f"{'--layers' if readout == 'pre_bn' else f'--readout {readout}'}: {e}") from None
     return x
 
 
@@ -219,22 +231,24 @@ def step_calibrate(args, folder, quiet):
     device = _device(args.device)
     setup = load_model(args.model, weights=args.weights, num_classes=args.num_classes,
                        cifar_stem=args.cifar_stem, seed=args.seed)
-    cargs = _calibration_args(args, setup)
-    source = open_dataset(args.data, "train", image_size=cargs["image_size"])
+    source = open_dataset(args.data, "train", image_size=_image_size(args, setup))
     if len(source.dataset) == 0:
         raise UserInputError(f"--data {args.data}: no images")
     subset = seeded_subset(source.dataset, args.images, args.seed)
     check_images(source.dataset, subset.indices)
     model = setup.model.to(device)
     _preflight(model, subset, source.num_classes, device, args.readout, _layers_arg(args.layers))
+    cargs = _calibration_args(args, setup, subset)
     done = folder.check("calibrate", cargs, args.force)
     if not quiet:
         _say(f"calibrate: {setup.description}; {len(subset)} images of {args.data} "
              f"({'resuming' if done else 'new'}) -> {folder.path}")
-    folder.record("calibrate", cargs, complete=False, model_description=setup.description,
-                  random_weights=not setup.trained)
+    finished = done and folder.step("calibrate").get("complete", False)
+    if not done:  # a rerun with the same arguments leaves the record alone (and a refusal too)
+        folder.record("calibrate", cargs, complete=False, model_description=setup.description,
+                      random_weights=not setup.trained)
     barrier()  # under torchrun: rank 0 has made the folder (and cleared it with --force)
-    if _writer():
+    if not done and _writer():
         with open(folder.file_path("calibration.pt.indices.json"), "w") as f:
             json.dump({"data": args.data, "root": source.root, "indices": list(subset.indices)}, f)
     loader = DataLoader(subset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
@@ -246,8 +260,9 @@ def step_calibrate(args, folder, quiet):
                     checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
                     amp=args.amp, layers=_layers_arg(args.layers))
     seconds = time.perf_counter() - t0
-    folder.record("calibrate", cargs, complete=True, images=cal.num_images, seconds=round(seconds, 2),
-                  model_description=setup.description, random_weights=not setup.trained)
+    if not finished:
+        folder.record("calibrate", cargs, complete=True, images=cal.num_images, seconds=round(seconds, 2),
+                      model_description=setup.description, random_weights=not setup.trained)
     return model, cal
 
 
@@ -422,10 +437,18 @@ def cmd_calibrate(args):
 
     folder = RunFolder(_out_dir(args))
     _, cal = step_calibrate(args, folder, args.quiet or args.json)
-    result = {"out": folder.path, "images": cal.num_images, "layers": cal.layers}
+    random = folder.step("calibrate").get("random_weights", False)
+    result = {"out": folder.path, "images": cal.num_images, "layers": cal.layers,
+              "random_weights": random}
     _emit(args, result, f"calibrated {len(cal.layers)} layers on {cal.num_images} images -> "
-                        f"{folder.file_path('calibration.pt')}")
+                        f"{folder.file_path('calibration.pt')}" + _random_note(args, random))
     return 0
+
+
+def _random_note(args, random):
+    """The result line's warning that the model was not trained."""
+    return (f"\nnote: the model has random weights (seeded by --seed {args.seed}), not trained ones; "
+            f"pass --weights FILE for a trained model" if random else "")
 
 
 def cmd_score(args):
@@ -480,12 +503,14 @@ def cmd_run(args):
         model, result = step_sweep(args, folder, quiet, model, scores)
     text = step_report(folder, model)
     seconds = time.perf_counter() - t0
+    random_weights = folder.step("calibrate").get("random_weights")
     summary = {"out": folder.path, "seconds": round(seconds, 1), "metrics": scores.metrics,
-               "skipped": scores.skipped}
+               "skipped": scores.skipped, "random_weights": random_weights}
     if result is not None:
         summary["auc"] = result.auc_table().to_dict(orient="records")
     body = (_auc_text(result) if result is not None else text)
-    _emit(args, summary, f"{body}\n\n{seconds:.0f} s; report: {folder.file_path('index.html')}")
+    _emit(args, summary, f"{body}\n\n{seconds:.0f} s; report: {folder.file_path('index.html')}"
+          + _random_note(args, random_weights))
     return 0
 
 

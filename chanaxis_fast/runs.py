@@ -8,6 +8,7 @@ them in a row. Replacing a step (``--force``) removes its outputs and those of e
 
 import json
 import os
+import tempfile
 from typing import Dict, Optional
 
 from .errors import UserInputError
@@ -24,7 +25,9 @@ _FORMAT, _VERSION = "chanaxis_fast.run", 1
 
 
 def check_out_dir(path: str, must_exist: bool = False) -> str:
-    """``--out`` / ``RUN_DIR``: a folder (created later) whose parent is writable; not a file."""
+    """``--out`` / ``RUN_DIR``: a folder (created later) whose nearest existing ancestor takes a
+    new file; not a file. Writability is probed with a temporary file (removed at once), since
+    permission bits do not tell for root, read-only mounts or /proc."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserInputError(f"--out: {path} is a file, not a folder")
@@ -33,8 +36,12 @@ def check_out_dir(path: str, must_exist: bool = False) -> str:
     probe = path
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserInputError(f"--out: {path} is not writable ({probe} is not writable)")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".chanaxis-probe-", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise UserInputError(f"--out: {path} is not writable ({probe}: {e.strerror})") from None
     return path
 
 
@@ -85,10 +92,11 @@ class RunFolder:
             return True
         if not force:
             k = diff[0]
+            made = (f"other {_CONTENTS[k]} ({_digest(old.get(k))} there, {_digest(args.get(k))} now)"
+                    if k in _CONTENTS else f"{_opt(k)} {_show(old.get(k))}, not {_show(args.get(k))}")
             raise UserInputError(
-                f"--out {self.path} holds a {name} step made with {_opt(k)} {_show(old.get(k))}, "
-                f"not {_show(args.get(k))}" + (f" (and {len(diff) - 1} more differences)" if len(diff) > 1
-                                              else "")
+                f"--out {self.path} holds a {name} step made with {made}"
+                + (f" (and {len(diff) - 1} more differences)" if len(diff) > 1 else "")
                 + "; pass --force to replace it, or choose another --out")
         self.clear_from(name)
         return False
@@ -142,6 +150,11 @@ class RunFolder:
         return args
 
 
+# recorded arguments that are not options but digests of what an option names
+_CONTENTS = {"data_digest": "contents of --data (file names, sizes and labels, or tensors)",
+             "weights_sha256": "contents of --weights"}
+
+
 def _opt(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -149,3 +162,7 @@ def _opt(key: str) -> str:
 def _show(v) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= 100 else s[:97] + "..."
+
+
+def _digest(v) -> str:
+    return "none" if v is None else f"{str(v)[:18]}..."

@@ -62,6 +62,7 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
 
     def forward(self, x):
+        """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), [N, c_in, H, W] -> [N, c_out, H/s, W/s]."""
         y = self.relu1(self.bn1(self.conv1(x)))
         return self.relu2(self.bn2(self.conv2(y)) + self.shortcut(x))
 
@@ -90,6 +91,7 @@ class ResNetMini(nn.Module):
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, x):
+        """Logits [N, num_classes] of images [N, in_channels, H, W]."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(x.mean((2, 3)))
