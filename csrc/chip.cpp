@@ -49,8 +49,8 @@ ChipSpectra chip_spectra(const at::Tensor& A) {
   const secular::Form form = C <= S ? secular::Form::projection : secular::Form::downdate;
   const auto f64 = A.options().dtype(at::kDouble);
   if (N == 0)
-    return {at::empty({0, m}, f64), at::empty({0, C, m}, f64), at::empty({0, C}, f64),
-            at::empty({0}, f64), form};
+    return {at::empty({0, m}, f64), at::empty({0, m}, f64.dtype(at::kLong)),
+            at::empty({0, C, m}, f64), at::empty({0, C}, f64), at::empty({0}, f64), form};
   at::Tensor X = A.to(at::kDouble);
   CHANAXIS_CHECK(at::isfinite(X).all().item<bool>(), op, "A has NaN/Inf values");
 
@@ -66,8 +66,9 @@ ChipSpectra chip_spectra(const at::Tensor& A) {
   at::Tensor d = Y.square().sum(1);
   resolve_small_block(vecs, Y, d);
   auto [sorted, order] = d.sort(-1);
-  const at::Tensor basis = (projection ? vecs : Y).gather(2, order.unsqueeze(1).expand({N, C, m}));
-  return {sorted.contiguous(), basis.contiguous(), X.square().sum(2).sqrt_(), at::exp2(e), form};
+  const at::Tensor basis = projection ? vecs : Y;
+  return {sorted.contiguous(), order.contiguous(), basis.contiguous(), X.square().sum(2).sqrt_(),
+          at::exp2(e), form};
 }
 
 }  // namespace chanaxis

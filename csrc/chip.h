@@ -18,9 +18,10 @@ namespace chanaxis {
 // absolute errors of eps * d_max, which a square root turns into sqrt(eps) * sigma_max for the
 // zero singular values of a rank-deficient A, while the norms of A^T u_k are off by about
 // eps * sigma_max; eigenvectors of the small eigenvalues are resolved again at their own scale
-// (chip.cpp). Sorted ascending, with the basis columns.
+// (chip.cpp). d is sorted ascending; order says which basis column goes with each entry.
 struct ChipSpectra {
   at::Tensor d;         // float64 [N, m], ascending
+  at::Tensor order;     // int64 [N, m], the basis column of each entry of d
   at::Tensor basis;     // float64 [N, C, m], contiguous
   at::Tensor row_norm;  // float64 [N, C], |row c| of the scaled A
   at::Tensor scale;     // float64 [N], the power of two to multiply the drops by
@@ -38,7 +39,8 @@ at::Tensor chip_drops_run(const at::Tensor& A, const Launch& launch) {
   at::Tensor out = at::empty({N, C}, P.basis.options());
   if (N == 0) return out;
   launch(N * C, m,
-         secular::ChipDropRow{P.d.const_data_ptr<double>(), P.basis.const_data_ptr<double>(),
+         secular::ChipDropRow{P.d.const_data_ptr<double>(), P.order.const_data_ptr<int64_t>(),
+                              P.basis.const_data_ptr<double>(),
                               P.row_norm.const_data_ptr<double>(),
                               P.scale.const_data_ptr<double>(), C, m, P.form,
                               out.data_ptr<double>()});

@@ -165,18 +165,20 @@ C10_HOST_DEVICE inline Root interval_root(const Vec& d, const Vec& w, int64_t n,
   return {origin + tau, gap};
 }
 
-// sum_j sqrt(d_j) - sum_k sqrt(mu_k) for d [m] ascending and >= 0 and the component vector v [m]
-// (z for the downdate, u for the projection). ad, aw: scratch for m deflated poles and weights.
+// sum_j sqrt(d_j) - sum_k sqrt(mu_k) for d [m] ascending and >= 0 and the component vector
+// (z for the downdate, u for the projection) whose j-th entry is v[order[j]] (d's sort order, so
+// that the basis needs no reordered copy). ad, aw: scratch for m deflated poles and weights.
 template <class Vec>
-C10_HOST_DEVICE inline double sqrt_spectrum_drop(const double* d, const double* v, int64_t m,
-                                                 Form form, const Vec& ad, const Vec& aw) {
+C10_HOST_DEVICE inline double sqrt_spectrum_drop(const double* d, const double* v,
+                                                 const int64_t* order, int64_t m, Form form,
+                                                 const Vec& ad, const Vec& aw) {
   const double tol = kEps * ::sqrt(d[m - 1]);
   const bool downdate = form == Form::downdate;
   int64_t n = 0;
   double weight_sum = 0.0, kept_root = 0.0;
   for (int64_t j = 0; j < m; ++j) {
-    const double wj = v[j] * v[j], root = ::sqrt(d[j]);
-    const double z = downdate ? ::fabs(v[j]) : root * ::fabs(v[j]);
+    const double vj = v[order[j]], wj = vj * vj, root = ::sqrt(d[j]);
+    const double z = downdate ? ::fabs(vj) : root * ::fabs(vj);
     if (z <= tol && (downdate || wj <= kEps)) continue;
     weight_sum += wj;
     if (n > 0 && root - kept_root <= tol) {
@@ -204,6 +206,7 @@ C10_HOST_DEVICE inline double sqrt_spectrum_drop(const double* d, const double* 
 // by at most the norm of what is removed), so a zero row drops exactly 0.
 struct ChipDropRow {
   const double* d;         // [N, m], ascending per image
+  const int64_t* order;    // [N, m]: the basis column of each entry of d
   const double* basis;     // [N, C, m]: u (projection) or z (downdate) of each channel
   const double* row_norm;  // [N, C]
   const double* scale;     // [N]
@@ -215,7 +218,8 @@ struct ChipDropRow {
     const double bound = row_norm[r];
     double drop = 0.0;
     if (bound > 0.0) {
-      drop = sqrt_spectrum_drop(d + (r / C) * m, basis + r * m, m, form, ad, aw);
+      const int64_t i = r / C;
+      drop = sqrt_spectrum_drop(d + i * m, basis + r * m, order + i * m, m, form, ad, aw);
       drop = drop < bound ? drop : bound;
     }
     out[r] = scale[r / C] * drop;
