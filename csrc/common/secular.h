@@ -142,10 +142,10 @@ C10_HOST_DEVICE inline Root interval_root(const Vec& d, const Vec& w, int64_t n,
       // pole below is at least |da| away, every pole above at least db). Times (da - s)(db - s):
       // A s^2 - (A (da + db) + B + C) s + da db h = 0, one root in (da, db).
       const double da = (d[k - 1] - origin) - tau;  // < 0
-      const double width = db - da;
-      const double B = da * da * da * (f.h3 * db - f.h2) / width;
-      const double C = db * db * db * (f.h2 - f.h3 * da) / width;
-      const double A = h - B / da - C / db;
+      const double inv_width = 1.0 / (db - da);
+      const double Ba = da * da * (f.h3 * db - f.h2) * inv_width;  // B / da
+      const double Cb = db * db * (f.h2 - f.h3 * da) * inv_width;  // C / db
+      const double B = Ba * da, C = Cb * db, A = h - Ba - Cb;
       const double lin = -(A * (da + db) + B + C), c0 = da * db * h;
       const double disc = lin * lin - 4.0 * A * c0;
       const double t = -0.5 * (lin + ::copysign(::sqrt(disc > 0.0 ? disc : 0.0), lin));
