@@ -56,3 +56,8 @@ def _target_excess_fake(cov_t, partners, top, jitter):
     partners = min(partners, max(1, C - 1))
     return (cov_t.new_empty((C,), dtype=torch.float64),
             cov_t.new_empty((C, partners), dtype=torch.int64))
+
+
+@torch.library.register_fake(_lib + "chip_drops")
+def _chip_drops_fake(A):
+    return A.new_empty((A.shape[0], A.shape[1]), dtype=torch.float64)

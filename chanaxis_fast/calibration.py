@@ -17,10 +17,11 @@ calibrated layer, the :class:`~chanaxis_fast.stats.ChannelStats` of the rows ``[
 - ``"hrank"``: the mean over the first ``rank_images`` images of the matrix rank of each channel's
   H x W feature map at the read-out point (HRank). Cost: ``rank_images * C`` small SVDs per layer.
 - ``"chip"``: the mean over the same images of ``||A||_* - ||A with row c zeroed||_*``, ``A`` the
-  C x HW feature matrix of one image at the read-out (CHIP). Cost per image and layer: one SVD (or
-  QR) of A and ``C`` SVDs of ``m x m`` matrices, ``m = min(C, HW)`` (see :func:`chip_drops`);
-  about 2 s per image for the 20 convs of a CIFAR ResNet-18 on one CPU core, by far the most
-  expensive extra (HRank: 0.1 s per image there).
+  C x HW feature matrix of one image at the read-out (CHIP). Cost per image and layer: one
+  eigendecomposition of an ``m x m`` Gram matrix, ``m = min(C, HW)``, and ``C`` secular
+  equations of ``O(m^2)`` each (see :func:`chip_drops`), instead of ``C`` SVDs of ``m x m``:
+  15x faster over the 20 convs of a CIFAR ResNet-18, 55x on one 256 x 784 map
+  (benchmarks/bench_chip.py, one thread), yet still about 7 forward passes per image there.
 
 Everything is float64 and merged with the exact pairwise (Chan et al.) update, so results do not
 depend on the batch size. Long runs can be checkpointed and resumed (``checkpoint=``).
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import ops
 from .digest import data_digest, dataset_indices, digest as _digest, model_digest
 from .errors import UserInputError
 from .graph import ModelGraph, trace_model
@@ -59,7 +61,7 @@ _DATA_DIFF = {
     "first_batch_digest": "first_batch_digest: the loader's first batch differs (other data, order or "
                           "batch size; to resume, the loader must yield the same batches in the same order)",
 }
-_CHUNK = 1 << 23  # float64 elements per working block of the patch gather and of CHIP (64 MiB)
+_CHUNK = 1 << 23  # float64 elements per working block of the patch gather (64 MiB)
 
 
 # ====================================================================== PatchStats
@@ -224,37 +226,12 @@ def sample_positions(u: Tensor, size: int) -> Tensor:
 def chip_drops(A: Tensor) -> Tensor:
     """CHIP's per-channel drop ``||A||_* - ||A with row c zeroed||_*`` for a batch of matrices.
 
-    A: Tensor[k, C, S] (one C x S feature matrix per image), computed in float64 -> [k, C].
-    The C reduced problems are ``m x m`` with ``m = min(C, S)`` and exact (no Gram matrix):
-    - C <= S: ``A = U diag(s) V^T`` and ``A_c = (P_c U diag(s)) V^T``, so
-      ``||A_c||_* = ||P_c U diag(s)||_*`` (C x C, ``P_c`` zeroes row c);
-    - C > S: ``A = Q R`` and ``A_c^T A_c = R^T (I - q q^T) R`` with ``q`` row c of Q, so
-      ``||A_c||_* = ||(I - b q q^T) R||_*`` with ``b = 1 / (1 + sqrt(1 - |q|^2))``
-      (``(I - b q q^T)^2 = I - q q^T``), an S x S matrix.
+    A: Tensor[k, C, S] (one C x S feature matrix per image), computed in float64 -> [k, C], by
+    :func:`chanaxis_fast.ops.chip_drops` (one Gram eigendecomposition per image, then each
+    channel's secular equation; :func:`chanaxis_fast.reference.chip_drops` is the one-SVD-per-channel
+    reference).
     """
-    A = A.to(torch.float64)
-    k, C, S = A.shape
-    out = A.new_empty(k, C)
-    m = min(C, S)
-    chunk = max(1, _CHUNK // max(1, m * m))
-    for i in range(k):
-        if C <= S:
-            U, s, _ = torch.linalg.svd(A[i], full_matrices=False)
-            base, full = U * s[None, :], s.sum()
-        else:
-            Q, base = torch.linalg.qr(A[i])
-            full = torch.linalg.svdvals(base).sum()
-        for c0 in range(0, C, chunk):
-            cs = torch.arange(c0, min(C, c0 + chunk), device=A.device)
-            if C <= S:
-                B = base.expand(len(cs), C, C).clone()
-                B[torch.arange(len(cs), device=A.device), cs, :] = 0
-            else:
-                q = Q[cs]                                           # [c, S]
-                b = 1.0 / (1.0 + (1.0 - (q * q).sum(1)).clamp_min(0).sqrt())
-                B = base - b[:, None, None] * q[:, :, None] * A[i, cs][:, None, :]
-            out[i, cs] = full - torch.linalg.svdvals(B).sum(-1)
-    return out
+    return ops.chip_drops(A)
 
 
 # ====================================================================== small helpers

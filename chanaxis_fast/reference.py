@@ -251,3 +251,44 @@ def target_excess(cov_t: Tensor, *, partners: int = 50, top: int = 10,
     padded = chosen.new_full((C, min(partners, max(1, C - 1))), -1)  # the op clamps partners
     padded[:, :K] = chosen
     return TargetExcess(te, padded)
+
+
+# ----------------------------------------------------------------------------- CHIP
+_CHIP_BLOCK = 1 << 23  # float64 elements of the reduced matrices in one batched SVD (64 MiB)
+
+
+def chip_drops(A: Tensor) -> Tensor:
+    """Reference of :func:`chanaxis_fast.ops.chip_drops`: one small SVD per channel (float64).
+
+    The C reduced problems are ``m x m`` with ``m = min(C, S)`` and exact (no Gram matrix):
+    - C <= S: ``A = U diag(s) V^T`` and ``A_c = (P_c U diag(s)) V^T``, so
+      ``||A_c||_* = ||P_c U diag(s)||_*`` (C x C, ``P_c`` zeroes row c);
+    - C > S: ``A = Q R`` and ``A_c^T A_c = R^T (I - q q^T) R`` with ``q`` row c of Q, so
+      ``||A_c||_* = ||(I - b q q^T) R||_*`` with ``b = 1 / (1 + sqrt(1 - |q|^2))``
+      (``(I - b q q^T)^2 = I - q q^T``), an S x S matrix.
+    """
+    if A.dim() == 2:
+        return chip_drops(A[None])[0]
+    A = A.to(torch.float64)
+    k, C, S = A.shape
+    out = A.new_empty(k, C)
+    m = min(C, S)
+    chunk = max(1, _CHIP_BLOCK // max(1, m * m))
+    for i in range(k):
+        if C <= S:
+            U, s, _ = torch.linalg.svd(A[i], full_matrices=False)
+            base, full = U * s[None, :], s.sum()
+        else:
+            Q, base = torch.linalg.qr(A[i])
+            full = torch.linalg.svdvals(base).sum()
+        for c0 in range(0, C, chunk):
+            cs = torch.arange(c0, min(C, c0 + chunk), device=A.device)
+            if C <= S:
+                B = base.expand(len(cs), C, C).clone()
+                B[torch.arange(len(cs), device=A.device), cs, :] = 0
+            else:
+                q = Q[cs]                                           # [c, S]
+                b = 1.0 / (1.0 + (1.0 - (q * q).sum(1)).clamp_min(0).sqrt())
+                B = base - b[:, None, None] * q[:, :, None] * A[i, cs][:, None, :]
+            out[i, cs] = full - torch.linalg.svdvals(B).sum(-1)
+    return out

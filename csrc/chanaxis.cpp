@@ -39,6 +39,9 @@ TORCH_LIBRARY(chanaxis_fast, m) {
   m.def("triplet_target_excess(Tensor cov_t, Tensor triplets, float jitter) -> Tensor");
   // (TE float64 [C], partners int64 [C, partners] in decreasing R_X, -1 padded)
   m.def("target_excess(Tensor cov_t, int partners, int top, float jitter) -> (Tensor, Tensor)");
+
+  // CHIP: A [N, C, S] floating -> float64 [N, C], ||A_i||_* - ||A_i with row c zeroed||_*.
+  m.def("chip_drops(Tensor A) -> Tensor");
 }
 
 namespace {
