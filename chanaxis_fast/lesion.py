@@ -63,9 +63,6 @@ from .graph import ModelGraph
 from .prune import MaskPlan, apply_masks, channel_plan
 from .stats import correlation_from_covariance
 
-METRICS = ("e_full", "hull_size", "compact_hull")
-_AXES = ("input_capture", "task_information")
-
 
 # ====================================================================== shared checks
 def _graph_of(graph, who: str) -> ModelGraph:
@@ -307,7 +304,7 @@ def _replacement(model, calibration, graph, plan, layer, channel, peers, hulls, 
     readout = calibration.config["readout"]
     group = plan.groups[0]
     points, used, unreplaced = {}, {}, []
-    for m in group.members:
+    for m in [layer] + [m for m in group.members if m != layer]:  # layer first: its point, its peers
         if m not in calibration.stats:
             unreplaced.append(m)
             continue
@@ -379,7 +376,8 @@ def peer_replacement(model: nn.Module, calibration: Calibration, layer: str, cha
         baseline: ``evaluate(model)`` of the intact model, if already known.
 
     Returns:
-        dict with ``layer``, ``channel``, ``peers`` (per replaced member: the peers used),
+        dict with ``layer``, ``channel``, ``peers`` (per replaced member: the peers used; a
+            member sharing its read-out point with ``layer`` or an earlier member is absent),
         ``unreplaced`` (group members left lesioned, not calibrated), ``loss_damage`` /
         ``accuracy_damage`` of the lesion, ``replaced_loss_damage`` / ``replaced_accuracy_damage``
         with the replacement, ``recovered = 1 - replaced_loss_damage / loss_damage`` (NaN unless

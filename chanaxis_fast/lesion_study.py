@@ -25,11 +25,13 @@ from tqdm import tqdm
 from .calibration import Calibration
 from .digest import digest, model_digest
 from .errors import UserInputError
-from .lesion import (METRICS, _AXES, _baseline, _check_calibration, _check_ridge, _damage, _hulls,
+from .lesion import (_baseline, _check_calibration, _check_ridge, _damage, _hulls,
                      _masked_evaluation, _plan, _recovered, _replaced_evaluation)
 from .runtime import check_writable, sigterm_as_interrupt
 
 _FORMAT, _VERSION = "chanaxis_fast.LesionStudy", 1
+METRICS = ("e_full", "hull_size", "compact_hull")  # related to the damage
+_AXES = ("input_capture", "task_information")      # the bins, and the partial correlation's controls
 _COLUMNS = ("layer", "channel", "group", "ix_bin", "it_bin", "cell", "input_capture",
             "task_information", "e_full", "hull_size", "compact_hull", "loss_damage",
             "accuracy_damage", "replaced_loss_damage", "replaced_accuracy_damage", "recovered",
@@ -141,7 +143,8 @@ class LesionStudy:
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise UserInputError(f"{who}: not a chanaxis_fast lesion study")
         if d.get("version") != _VERSION:
-            raise UserInputError(f"{who}: written by lesion study format {d.get('version')}, this is {_VERSION}")
+            raise UserInputError(f"{who}: written by lesion study format {d.get('version')}, this is "
+                                 f"{_VERSION}")
         body = {k: v for k, v in d.items() if k != "checksum"}
         if d.get("checksum") != digest(json.dumps(body, sort_keys=True)):
             raise UserInputError(f"{who}: checksum mismatch, the lesion study file is corrupt")
@@ -307,8 +310,9 @@ def lesion_study(model: nn.Module, calibration: Calibration, scores, evaluate: C
     if checkpoint is not None and not os.path.exists(checkpoint):
         check_writable(checkpoint, who)
     samples = _sample(scores, labels, layers, bins, per_bin, seed)
+    stats_checksums = {l: s.state_dict()["checksum"] for l, s in calibration.stats.items()}
     config = dict(model_digest=model_digest(model), scores_digest=digest(scores.state_dict()["checksum"]),
-                  calibration_digest=digest({l: s.state_dict()["checksum"] for l, s in calibration.stats.items()}),
+                  calibration_digest=digest(stats_checksums),
                   readout=calibration.config.get("readout"), labels=labels, layers=layers, bins=bins,
                   per_bin=per_bin, seed=seed, ridge=ridge, max_size=max_size, eps=eps,
                   evaluate=getattr(evaluate, "config", None), skipped=skipped, samples=samples)
@@ -357,7 +361,8 @@ def lesion_study(model: nn.Module, calibration: Calibration, scores, evaluate: C
                        replaced_loss_damage=replaced["loss_damage"],
                        replaced_accuracy_damage=replaced["accuracy_damage"],
                        recovered=_recovered(replaced["loss_damage"], lesioned["loss_damage"]),
-                       recovered_accuracy=_recovered(replaced["accuracy_damage"], lesioned["accuracy_damage"]),
+                       recovered_accuracy=_recovered(replaced["accuracy_damage"],
+                                                     lesioned["accuracy_damage"]),
                        peers=used.get(layer), unreplaced=unreplaced, group_peers=used)
             result.rows.append(row)
             if checkpoint is not None:
