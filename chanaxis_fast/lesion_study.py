@@ -10,7 +10,9 @@ E_full, the hull size and the compact-hull score (:meth:`LesionStudy.summary`).
 
 Cost: two passes of ``evaluate`` per sampled channel (lesion, replacement), less where channels of
 a coupled group were sampled in several of its layers (evaluated once); see the cost note of
-:mod:`chanaxis_fast.lesion`.
+:mod:`chanaxis_fast.lesion`. Measured on ResNetMini(widths=(8, 16, 16), blocks=1) with 500 MNIST
+images of 14 x 14 (one CPU thread): about 0.08 s per channel, two passes of about 0.035 s and
+about 0.01 s of planning and hooks.
 """
 
 import json
