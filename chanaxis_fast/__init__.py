@@ -19,6 +19,8 @@ from .flops import FlopsCount, flops
 from .prune import MaskPlan, apply_masks, keep_masked, plan
 from .sweep import SweepResult, classifier_evaluator, classifier_finetuner, sweep
 from .training import evaluate_classifier, finetune_classifier, train_classifier
+from .lesion import lesion, pair_lesion, peer_replacement
+from .lesion_study import LesionStudy, lesion_study
 from .analysis import (criteria_similarity, cross_axis_alignment, hull_statistics, modularity,
                        modularity_graphs, pruned_overlap, pruned_set_overlap, weight_distribution)
 
@@ -55,3 +57,4 @@ __all__ += ["criteria_similarity", "cross_axis_alignment", "hull_statistics", "m
 __all__ += ["FlopsCount", "MaskPlan", "SweepResult", "UserInputError", "apply_masks",
             "classifier_evaluator", "classifier_finetuner", "evaluate_classifier",
             "finetune_classifier", "flops", "keep_masked", "plan", "sweep", "train_classifier"]
+__all__ += ["LesionStudy", "lesion", "lesion_study", "pair_lesion", "peer_replacement"]

@@ -15,6 +15,7 @@ the masked network computes what the slimmed network computes whatever the activ
 import dataclasses
 import json
 import math
+import operator
 import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -444,6 +445,40 @@ def plan(model: nn.Module, scores, metric: str, ratio: Optional[float] = None, *
 def _input_shape(graph: ModelGraph):
     first = min(graph.layers.values(), key=lambda l: l.order, default=None)
     return None if first is None else list(first.input_shape)
+
+
+def channel_plan(model: nn.Module, graph: ModelGraph, layer: str, channels: Sequence[int]) -> MaskPlan:
+    """A :class:`MaskPlan` that removes the given output ``channels`` of ``layer`` and of every layer
+    coupled with it (one group, as :func:`plan` forms them), whatever the scores: what a lesion
+    masks. Any non-empty set of distinct channels may be given, all of them included.
+
+    UserInputError when the layer is not in the graph, its channels cannot be masked (the reasons
+    of ``plan.skipped``) or a channel is out of range."""
+    if layer not in graph.layers:
+        raise UserInputError(f"channel_plan: layer {layer!r} is not a traced conv/linear layer; "
+                             f"layers: {', '.join(graph.layers)}")
+    groups, skipped = _group_spaces(graph, [layer], "group")
+    if skipped:
+        raise UserInputError(f"channel_plan: the channels of {layer!r} cannot be masked: {skipped[layer]}")
+    size = groups[0].size
+    try:
+        if any(isinstance(c, bool) for c in channels):
+            raise TypeError
+        chosen = [operator.index(c) for c in channels]  # numpy and 0-d torch ints too
+    except TypeError:
+        chosen = None
+    if not chosen or not all(0 <= c < size for c in chosen):
+        raise UserInputError(f"channel_plan: channels must be a non-empty list of ints in [0, {size}) "
+                             f"(the channels of {layer!r}), got {channels!r}")
+    if len(set(chosen)) != len(chosen):
+        raise UserInputError(f"channel_plan: channels repeat a channel: {chosen}")
+    group = dataclasses.replace(groups[0], pruned=sorted(chosen))
+    per_layer, before, after = _costs(graph, [group], model)
+    shapes = {n: [l.out_channels, l.in_channels] for n, l in graph.layers.items()}
+    return MaskPlan(metric="channels", ratio=len(chosen) / size, allocation="channels", max_ratio=1.0,
+                    coupled="group", flops_target=None, groups=[group], skipped={}, shapes=shapes,
+                    per_layer_macs=per_layer, params_before=before, params_after=after,
+                    input_shape=_input_shape(graph))
 
 
 # ====================================================================== masks
