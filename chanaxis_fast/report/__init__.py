@@ -135,7 +135,7 @@ def write_report(run_dir, *, model=None, calibration=None, scores=None, sweep=No
     scores = scores or _load(folder, "scores.pt", Scores.load)
     sweep = sweep or _load(folder, "sweep.json", SweepResult.from_json)
     if lesion is None and os.path.exists(os.path.join(folder, "lesion.json")):
-        from ..lesion import LesionStudy
+        from ..lesion_study import LesionStudy
 
         lesion = LesionStudy.from_json(os.path.join(folder, "lesion.json"))
     tracker_frame = None
