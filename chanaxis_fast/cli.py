@@ -39,7 +39,7 @@ DEFAULT_MODEL, DEFAULT_DATA = "resnet_mini_fmnist", "fashion-mnist"
 DEFAULT_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
 # the demo: ratios dense where accuracy still differs, a short fine-tune at every point
 DEMO = dict(ratios="0.05,0.1,0.15,0.2,0.3,0.4,0.5", finetune_batches=12, finetune_batch_size=128,
-            eval_images=2000, images=5000)
+            eval_images=2000, images=5000, lesion_per_bin=1, lesion_images=500)
 
 
 # ============================================================================ argument types
@@ -387,6 +387,49 @@ def step_sweep(args, folder, quiet, model=None, scores=None):
     return model, result
 
 
+def step_lesion(args, folder, quiet, model=None, scores=None):
+    """The lesion study: channels sampled over the I_X x I(T;Y) plane, lesioned and replaced."""
+    from torch.utils.data import DataLoader
+
+    from .calibration import Calibration
+    from .data import eval_split, open_dataset, seeded_subset
+    from .distributed import barrier
+    from .lesion_study import lesion_study
+    from .metrics import Scores
+    from .sweep import classifier_evaluator
+
+    largs = dict(per_bin=args.lesion_per_bin, bins=args.lesion_bins, eval_images=args.lesion_images)
+    cargs = folder.require("calibrate", "lesion")
+    folder.require("score", "lesion")
+    need = {"input_capture", "task_information", "e_full", "hull_size", "compact_hull"}
+    if scores is None:
+        scores = Scores.load(folder.file_path("scores.pt"))
+    missing = sorted(need - set(scores.values))
+    if missing:
+        raise UserInputError(f"lesion: the scores lack {', '.join(missing)}; score them first "
+                             f"(chanaxis-fast score RUN_DIR --metrics ...)")
+    device = _device(args.device)
+    source = open_dataset(cargs["data"], eval_split(cargs["data"]), image_size=cargs["image_size"])
+    subset = seeded_subset(source.dataset, args.lesion_images, cargs["seed"] + 1)
+    folder.check("lesion", largs, args.force)
+    if model is None:
+        model = _build_model(cargs)
+    model = model.to(device)
+    cal = Calibration.load(folder.file_path("calibration.pt"), device)
+    evaluate = classifier_evaluator(DataLoader(subset, batch_size=500), device)
+    folder.record("lesion", largs, complete=False)
+    barrier()
+    t0 = time.perf_counter()
+    study = lesion_study(model, cal, scores, evaluate, per_bin=args.lesion_per_bin, bins=args.lesion_bins,
+                         seed=cargs["seed"], checkpoint=folder.file_path("lesion.json"),
+                         progress=not quiet)
+    if _writer():
+        study.to_pandas().to_csv(folder.file_path("lesion.csv"), index=False)
+    folder.record("lesion", largs, complete=True, seconds=round(time.perf_counter() - t0, 2),
+                  channels=len(study.rows))
+    return model, study
+
+
 def step_report(folder, model=None):
     """Write index.html, report.md, figures/ and tables/ of the run folder."""
     from .report import write_report
@@ -475,6 +518,18 @@ def cmd_sweep(args):
     return 0
 
 
+def cmd_lesion(args):
+    """``chanaxis-fast lesion RUN_DIR``: the lesion and peer-replacement study of a scored run."""
+    from .runs import RunFolder, check_out_dir
+
+    folder = RunFolder(check_out_dir(args.run_dir, must_exist=True))
+    _, study = step_lesion(args, folder, args.quiet or args.json)
+    summary = study.summary()
+    _emit(args, {"out": folder.path, "summary": summary.to_dict(orient="records")},
+          summary.to_string(index=False) + f"\nwrote {folder.file_path('lesion.json')}")
+    return 0
+
+
 def cmd_report(args):
     """``chanaxis-fast report RUN_DIR``: write the run folder's report."""
     from .runs import RunFolder, check_out_dir
@@ -501,6 +556,8 @@ def cmd_run(args):
     result = None
     if not args.no_sweep:
         model, result = step_sweep(args, folder, quiet, model, scores)
+    if args.lesion_per_bin > 0:
+        model, _ = step_lesion(args, folder, quiet, model, scores)
     text = step_report(folder, model)
     seconds = time.perf_counter() - t0
     random_weights = folder.step("calibrate").get("random_weights")
@@ -595,6 +652,15 @@ def _add_calibration(p, images=5000):
     c.add_argument("--checkpoint-seconds", type=_positive_float, default=60.0)
 
 
+def _add_lesion(p, per_bin=3):
+    g = p.add_argument_group("lesion study")
+    g.add_argument("--lesion-per-bin", type=_nonnegative_int, default=per_bin,
+                   help="channels lesioned per I_X x I(T;Y) cell and layer (0: no lesion study)")
+    g.add_argument("--lesion-bins", type=_positive_int, default=3, help="quantile bins per axis")
+    g.add_argument("--lesion-images", type=_positive_int, default=DEMO["lesion_images"],
+                   help="evaluation images of the lesions (a seeded subset of the test/val split)")
+
+
 def _add_out(p, default=None):
     p.add_argument("--out", default=default,
                    help=f"run folder (default {default or 'runs/<model>-<data>-<hash>'})")
@@ -639,6 +705,7 @@ def build_parser():
         _add_metrics(p)
         _add_sweep(p, demo)
         p.add_argument("--no-sweep", action="store_true", help="calibrate, score and report only")
+        _add_lesion(p, per_bin=DEMO["lesion_per_bin"] if demo else 0)
         _add_out(p, default="runs/demo" if demo else None)
         _add_common(p)
         p.set_defaults(fn=cmd_run)
@@ -664,6 +731,14 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="replace a sweep made with other arguments")
     _add_common(p)
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("lesion", help="lesion and peer-replacement study of a scored run folder")
+    p.add_argument("run_dir", help="a run folder holding scores")
+    _add_lesion(p)
+    p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    p.add_argument("--force", action="store_true", help="replace a study made with other arguments")
+    _add_common(p)
+    p.set_defaults(fn=cmd_lesion)
 
     p = sub.add_parser("report", help="write the report of a run folder (index.html, report.md)")
     p.add_argument("run_dir", help="a run folder")

@@ -464,4 +464,4 @@ def _evaluation(ev, what) -> dict:
     acc = float(ev["accuracy"])
     if not math.isfinite(acc):
         raise UserInputError(f"sweep: evaluate returned a non-finite accuracy for {what}")
-    return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in ev.items()}
+    return {k: (float(v) if isinstance(v, float) else v) for k, v in ev.items()}

@@ -23,7 +23,7 @@ color:#222;line-height:1.45;padding:0 1em}
 h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}
+td:first-child,th:first-child{text-align:left}details{margin:.6em 0}summary{cursor:pointer}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}.note{color:#555;font-size:.9em}
 code{background:#f5f5f5;padding:0 .2em}
 """
@@ -63,8 +63,9 @@ class _Page:
         self.html.append(f"<p{' class=note' if note else ''}>{html.escape(text)}</p>")
         self.md += [text, ""]
 
-    def table(self, df, name, caption=None, columns=None):
-        """Show ``df`` and save it as tables/name.csv and .json."""
+    def table(self, df, name, caption=None, columns=None, folded=False):
+        """Show ``df`` (in a folded ``<details>`` block when ``folded``) and save it as
+        tables/name.csv and .json."""
         d = os.path.join(self.folder, "tables")
         os.makedirs(d, exist_ok=True)
         df.to_csv(os.path.join(d, f"{name}.csv"), index=False)
@@ -76,9 +77,13 @@ class _Page:
                        for r in show.itertuples(index=False))
         links = (f' <span class=note>(<a href="tables/{name}.csv">CSV</a>, '
                  f'<a href="tables/{name}.json">JSON</a>)</span>')
-        if caption:
-            self.html.append(f"<p>{html.escape(caption)}{links}</p>")
-        self.html.append(f"<table><tr>{cells}</tr>{rows}</table>")
+        table = f"<table><tr>{cells}</tr>{rows}</table>"
+        if folded:
+            self.html.append(f"<details><summary>{html.escape(caption or name)}{links}</summary>{table}</details>")
+        else:
+            if caption:
+                self.html.append(f"<p>{html.escape(caption)}{links}</p>")
+            self.html.append(table)
         if caption:
             self.md += [caption, ""]
         self.md.append("| " + " | ".join(str(c) for c in show.columns) + " |")
@@ -180,9 +185,9 @@ def write_report(run_dir, *, model=None, calibration=None, scores=None, sweep=No
                             "auc_after", "auc_after_min", "auc_after_max", "retention_50_before",
                             "retention_50_after") if c in table]
         page.table(table, "headline", "AUC per criterion (higher = keeps more accuracy):", cols)
-        page.table(sweep.to_pandas(), "sweep_points", "Every point of the sweep:",
+        page.table(sweep.to_pandas(), "sweep_points", "Every point of the sweep",
                    ["metric", "seed", "ratio", "flops_removed", "accuracy_before"]
-                   + (["accuracy_after"] if sweep.finetuned else []))
+                   + (["accuracy_after"] if sweep.finetuned else []), folded=True)
         page.figure(sweep.plot(fig("retention.png")), "accuracy retention against the fraction of FLOPs removed")
         page.figure(figures.auc_bars(table, fig("auc.png")), "FLOPs-AUC per criterion")
 
@@ -241,11 +246,11 @@ def write_report(run_dir, *, model=None, calibration=None, scores=None, sweep=No
                    "Spearman of lesion damage with the hull statistics, within input-capture x "
                    "task-information bins, and partial correlations controlling for both:")
         frame = lesion.to_pandas()
-        page.table(frame, "lesions", "Every lesioned channel:")
+        page.table(frame, "lesions", "Every lesioned channel", folded=True)
         page.figure(figures.lesion_scatter(frame, fig("lesion.png")), "lesion damage against hull statistics")
     if tracker_frame is not None:
         page.heading("The two axes along training")
-        page.table(tracker_frame, "tracking", "Per layer and step:")
+        page.table(tracker_frame, "tracking", "Per layer and step", folded=True)
         page.figure(figures.tracker_series(tracker_frame, fig("tracking.png")), "tracked quantities against step")
     text = page.write(title, intro)
     return text
