@@ -211,9 +211,10 @@ def write_report(run_dir, *, model=None, calibration=None, scores=None, sweep=No
             page.para("Mean over layers of the per-layer Spearman correlation between criteria, each "
                       "taken in its pruning order (+1: the two remove channels in the same order).")
             page.figure(figures.similarity_heatmap(sim, fig("similarity.png")), "criteria similarity heatmap")
-        if "hull_size" in scores.values or "e_full" in scores.values:
+        hull_source = scores if {"hull_size", "saturated"} <= set(scores.values) else calibration
+        if hull_source is not None:
             page.heading("Replaceability hulls")
-            page.table(hull_statistics(scores), "hull_statistics",
+            page.table(hull_statistics(hull_source), "hull_statistics",
                        "Hull sizes, saturated fraction, E_full quantiles and S3/S2 per layer:")
             page.figure(figures.hull_histograms(scores, fig("hull_sizes.png")), "hull-size histograms")
         if scores.skipped:
