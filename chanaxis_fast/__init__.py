@@ -16,6 +16,7 @@ from .stats import ChannelStats, StatsFileError
 from .calibration import Calibration, calibrate
 from .analysis import (criteria_similarity, cross_axis_alignment, hull_statistics, modularity,
                        modularity_graphs, pruned_overlap, pruned_set_overlap, weight_distribution)
+from .tracking import AxisTracker, track_training
 
 __version__ = "0.1.0"
 
@@ -47,3 +48,4 @@ __all__ = ["ChannelStats", "MetricSpec", "MissingInputError", "ModelGraph", "Sco
 __all__ += ["Calibration", "calibrate"]
 __all__ += ["criteria_similarity", "cross_axis_alignment", "hull_statistics", "modularity",
             "modularity_graphs", "pruned_overlap", "pruned_set_overlap", "weight_distribution"]
+__all__ += ["AxisTracker", "track_training"]
