@@ -47,6 +47,7 @@ analyses, recorded per layer:
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -364,6 +365,7 @@ class AxisTracker:
         """A PNG with one panel per quantity against the step: one thin line per layer (coloured
         by depth), the mean over layers in bold black. Returns the path."""
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         if not self.records:
             raise UserInputError("AxisTracker.plot: nothing is recorded yet")
@@ -395,6 +397,7 @@ class AxisTracker:
             ax.set_xlabel(self.step_name)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in list(axes.flat)[len(qs):]:
             ax.axis("off")
         fig.legend(handles=handles, loc="outside lower center", ncol=min(7, len(handles)),
@@ -610,7 +613,7 @@ def track_training(model: Union[None, str, nn.Module] = None, data: str = "fashi
             rho = tracker.to_pandas(wide=True).query("step == @epoch")["cross_axis_rho"].mean()
             print(f"{who}: epoch {epoch}/{epochs}: test accuracy {acc['accuracy']:.4f}, mean "
                   f"cross-axis rho {rho:.3f}, measured in "
-                  f"{tracker.records[epoch]['seconds']['total']:.1f} s", flush=True)
+                  f"{tracker.records[epoch]['seconds']['total']:.1f} s", file=sys.stderr, flush=True)
 
     done = [0]
 
