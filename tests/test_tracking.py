@@ -4,7 +4,6 @@ the ``track`` command."""
 
 import importlib
 import json
-import math
 import sys
 import types
 
