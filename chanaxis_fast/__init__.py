@@ -23,6 +23,7 @@ from .lesion import lesion, pair_lesion, peer_replacement
 from .lesion_study import LesionStudy, lesion_study
 from .analysis import (criteria_similarity, cross_axis_alignment, hull_statistics, modularity,
                        modularity_graphs, pruned_overlap, pruned_set_overlap, weight_distribution)
+from .tracking import AxisTracker, track_training
 
 __version__ = "0.1.0"
 
@@ -58,3 +59,4 @@ __all__ += ["FlopsCount", "MaskPlan", "SweepResult", "UserInputError", "apply_ma
             "classifier_evaluator", "classifier_finetuner", "evaluate_classifier",
             "finetune_classifier", "flops", "keep_masked", "plan", "sweep", "train_classifier"]
 __all__ += ["LesionStudy", "lesion", "lesion_study", "pair_lesion", "peer_replacement"]
+__all__ += ["AxisTracker", "track_training"]

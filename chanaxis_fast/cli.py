@@ -571,6 +571,41 @@ def cmd_run(args):
     return 0
 
 
+def cmd_track(args):
+    """``chanaxis-fast track``: train a network from a seeded initialisation and track its axes."""
+    from .tracking import track_training
+
+    quiet = args.quiet or args.json
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        raise UserInputError(f"--widths: three comma-separated ints, got {args.widths!r}") from None
+    if len(widths) != 3 or min(widths) < 1:
+        raise UserInputError(f"--widths: three comma-separated ints >= 1, got {args.widths!r}")
+    layers = args.layers
+    if "," in layers:
+        layers = [n.strip() for n in layers.split(",") if n.strip()]
+    out = args.out or os.path.join("runs", f"track-{args.model.split(':')[-1]}-{args.data.split(':')[0]}")
+    tracker = track_training(args.model, args.data, epochs=args.epochs, out=out, seed=args.seed,
+                             calibration_images=args.images, layers=layers,
+                             metrics=split_specs(args.metrics) if args.metrics else (),
+                             modularity=not args.no_modularity, widths=widths,
+                             batch_size=args.batch_size, lr=args.lr, train_images=args.train_images,
+                             eval_images=args.eval_images, device=_device(args.device),
+                             force=args.force, progress=not quiet)
+    out = os.path.abspath(out)
+    steps = tracker.steps_to_pandas()
+    wide = tracker.to_pandas(wide=True)
+    rho = wide.groupby("step")["cross_axis_rho"].mean()
+    _emit(args, {"out": out, "layers": tracker.layers, "epochs": tracker.steps,
+                 "cross_axis_rho": rho.tolist(), "test_accuracy": steps["test_accuracy"].tolist()},
+          f"tracked {len(tracker.layers)} layers over {len(tracker.steps) - 1} epochs: mean cross-axis "
+          f"rho {rho.iloc[0]:.3f} at initialisation -> {rho.iloc[-1]:.3f}, test accuracy "
+          f"{steps['test_accuracy'].iloc[-1]:.4f}\nwrote {out}/ (series.csv, steps.csv, tracker.pt, "
+          f"tracking.png, model.pt)")
+    return 0
+
+
 def cmd_metrics(args):
     """``chanaxis-fast metrics``: every registered metric, its kind, direction and formula."""
     from .metrics import available_metrics, get_metric
@@ -744,6 +779,32 @@ def build_parser():
     p.add_argument("run_dir", help="a run folder")
     _add_common(p)
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("track", help="train a network and track its two axes along training")
+    p.add_argument("--model", default="resnet_mini",
+                   help="resnet_mini (the built-in default, seeded initialisation) or a --model spec "
+                        "of the other commands")
+    p.add_argument("--widths", default="16,32,64", help="resnet_mini's three stage widths")
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist, imagefolder:PATH, ...")
+    p.add_argument("--epochs", type=_positive_int, default=3)
+    p.add_argument("--images", type=_positive_int, default=2000,
+                   help="calibration images (a seeded subset of the training split)")
+    p.add_argument("--layers", default="depth_spaced:6",
+                   help="depth_spaced:K, a regex of module names, or a comma list of them")
+    p.add_argument("--metrics", default=None, help="extra metrics whose per-layer mean is tracked")
+    p.add_argument("--no-modularity", action="store_true", help="skip the R/S modularity gap")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--train-images", type=_positive_int, default=None,
+                   help="train on a seeded subset of this many images (default: all)")
+    p.add_argument("--eval-images", type=_positive_int, default=None,
+                   help="evaluate on the first N test images (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initialisation, data order and subset")
+    p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    p.add_argument("--out", default=None, help="output folder (default runs/track-<model>-<data>)")
+    p.add_argument("--force", action="store_true", help="replace a tracked run in --out")
+    _add_common(p)
+    p.set_defaults(fn=cmd_track)
 
     p = sub.add_parser("metrics", help="list the registered metrics")
     p.add_argument("--json", action="store_true")
