@@ -430,7 +430,7 @@ def step_lesion(args, folder, quiet, model=None, scores=None):
     return model, study
 
 
-def step_report(folder, model=None):
+def step_report(folder, model=None, skip=()):
     """Write index.html, report.md, figures/ and tables/ of the run folder."""
     from .report import write_report
 
@@ -438,7 +438,7 @@ def step_report(folder, model=None):
         return ""
     if model is None and folder.args("calibrate") is not None:
         model = _build_model(folder.args("calibrate"))
-    text = write_report(folder.path, model=model.cpu() if model is not None else None)
+    text = write_report(folder.path, model=model.cpu() if model is not None else None, skip=skip)
     folder.record("report", {}, complete=True)
     return text
 
@@ -535,7 +535,11 @@ def cmd_report(args):
     from .runs import RunFolder, check_out_dir
 
     folder = RunFolder(check_out_dir(args.run_dir, must_exist=True))
-    text = step_report(folder)
+    skip = [s for s in (args.skip or "").split(",") if s]
+    bad = [s for s in skip if s not in ("modularity", "cwda")]
+    if bad:
+        raise UserInputError(f"--skip: unknown section {bad[0]!r}; choose from modularity, cwda")
+    text = step_report(folder, skip=skip)
     _emit(args, {"out": folder.path, "index": folder.file_path("index.html")},
           text if not args.quiet else f"wrote {folder.file_path('index.html')}")
     return 0
@@ -777,6 +781,8 @@ def build_parser():
 
     p = sub.add_parser("report", help="write the report of a run folder (index.html, report.md)")
     p.add_argument("run_dir", help="a run folder")
+    p.add_argument("--skip", default=None,
+                   help="comma list of costly sections to leave out: modularity, cwda")
     _add_common(p)
     p.set_defaults(fn=cmd_report)
 

@@ -118,14 +118,24 @@ def _load(folder, name, loader):
 
 
 def write_report(run_dir, *, model=None, calibration=None, scores=None, sweep=None, lesion=None,
-                 tracker=None, modularity_method: str = "greedy", modularity_top: float = 0.10,
-                 max_modularity_channels: int = 1024) -> str:
+                 tracker=None, modularity_method: str = "auto", modularity_top: float = 0.10,
+                 max_modularity_channels: int = 512, greedy_max_channels: int = 256,
+                 skip=()) -> str:
     """Write the report of ``run_dir`` (module docstring) and return the Markdown text.
 
     Objects not given are read from the folder when present. ``model`` (the scored model) enables
     the weight-distribution check. Modularity uses networkx's ``greedy`` (Clauset-Newman-Moore)
-    or ``louvain`` communities on layers of at most ``max_modularity_channels`` channels.
+    or ``louvain`` communities on layers of at most ``max_modularity_channels`` channels; ``auto``:
+    greedy up to ``greedy_max_channels`` channels (its cost grows fast), Louvain above (the table's
+    ``method`` column says which). ``skip``: sections left out, any of "modularity", "cwda"
+    (the costly analyses on large models).
     """
+    skip = set(skip)
+    unknown = skip - {"modularity", "cwda"}
+    if unknown:
+        from ..errors import UserInputError
+
+        raise UserInputError(f"write_report: skip takes 'modularity' and 'cwda', got {sorted(unknown)}")
     from ..analysis import (criteria_similarity, cross_axis_alignment, hull_statistics, modularity,
                             weight_distribution)
     from ..calibration import Calibration
@@ -211,30 +221,38 @@ def write_report(run_dir, *, model=None, calibration=None, scores=None, sweep=No
             page.para("Mean over layers of the per-layer Spearman correlation between criteria, each "
                       "taken in its pruning order (+1: the two remove channels in the same order).")
             page.figure(figures.similarity_heatmap(sim, fig("similarity.png")), "criteria similarity heatmap")
-        hull_source = scores if {"hull_size", "saturated"} <= set(scores.values) else calibration
-        if hull_source is not None:
+        if {"hull_size", "saturated"} <= set(scores.values):
             page.heading("Replaceability hulls")
-            page.table(hull_statistics(hull_source), "hull_statistics",
+            page.table(hull_statistics(scores), "hull_statistics",
                        "Hull sizes, saturated fraction, E_full quantiles and S3/S2 per layer:")
             page.figure(figures.hull_histograms(scores, fig("hull_sizes.png")), "hull-size histograms")
         if scores.skipped:
             page.heading("Metrics left out")
             for m, why in scores.skipped.items():
                 page.para(f"{m}: {why}", note=True)
-    if calibration is not None:
+    if calibration is not None and "modularity" not in skip:
         small = [l for l in calibration.layers
                  if calibration.stats[l].num_channels <= max_modularity_channels]
         if small:
+            import pandas as pd
+
             page.heading("Modularity")
-            table = modularity(calibration, small, top=modularity_top, method=modularity_method)
+            parts_by_method = {}
+            for l in small:
+                method = modularity_method if modularity_method != "auto" else (
+                    "greedy" if calibration.stats[l].num_channels <= greedy_max_channels else "louvain")
+                parts_by_method.setdefault(method, []).append(l)
+            table = pd.concat([modularity(calibration, ls, top=modularity_top, method=m).assign(method=m)
+                               for m, ls in parts_by_method.items()])
+            table = table.set_index("layer").loc[small].reset_index()
             page.table(table, "modularity",
-                       f"Communities ({modularity_method}) of the R-graph (weights R_X) and the "
+                       f"Communities of the R-graph (weights R_X) and the "
                        f"S-graph (weights S2), top {100 * modularity_top:.0f} % of the positive edges; "
                        f"gap = Q_R - Q_S; ari: agreement of the two partitions:",
-                       [c for c in ("layer", "channels", "Q_R", "Q_S", "gap", "communities_R",
+                       [c for c in ("layer", "channels", "method", "Q_R", "Q_S", "gap", "communities_R",
                                     "communities_S", "ari") if c in table])
             page.figure(figures.modularity_bars(table, fig("modularity.png")), "modularity per layer")
-    if model is not None and scores is not None:
+    if model is not None and scores is not None and "cwda" not in skip:
         page.heading("Weight distribution (CWDA check)")
         page.table(weight_distribution(model, scores.layers), "weight_distribution",
                    "Whether the filters look like i.i.d. Gaussians (Shapiro W, normal fraction, "
