@@ -38,8 +38,8 @@ SWEEP_METRICS = ["l1", "fpgm", "bn_scale", "taylor", "sfvr", "input_capture", "i
 DEFAULT_MODEL, DEFAULT_DATA = "resnet_mini_fmnist", "fashion-mnist"
 DEFAULT_RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
 # the demo: ratios dense where accuracy still differs, a short fine-tune at every point
-DEMO = dict(ratios="0.05,0.1,0.15,0.2,0.3,0.4,0.5", finetune_batches=12, finetune_batch_size=128,
-            eval_images=2000, images=5000, lesion_per_bin=1, lesion_images=500)
+DEMO = dict(ratios="0.05,0.1,0.2,0.3,0.4,0.5", finetune_batches=10, finetune_batch_size=128,
+            eval_images=1000, images=5000, lesion_per_bin=1, lesion_images=250)
 
 
 # ============================================================================ argument types

@@ -94,7 +94,7 @@ def train_classifier(model: nn.Module, loader: Iterable, *, epochs: int = 1, lr:
                     after_step(opt)
                 if sched is not None:
                     sched.step()
-                total += float(loss) * len(labels)
+                total += float(loss.detach()) * len(labels)
                 n += len(labels)
                 steps += 1
             last = total / max(1, n)
