@@ -8,7 +8,7 @@ import torch
 
 from . import _C  # registers torch.ops.chanaxis_fast.*
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / opcheck)
-from . import ops, reference
+from . import integrations, ops, reference
 from .graph import ModelGraph, trace_model
 from .metrics import (MetricSpec, MissingInputError, Scores, available_metrics, get_metric,
                       parse_metric, register_metric, score)

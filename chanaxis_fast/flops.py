@@ -31,18 +31,22 @@ class FlopsCount:
 
     @property
     def dense_macs(self) -> int:
+        """Total MACs of the dense model (whole example batch)."""
         return self.batch * sum(d for d, _ in self.per_layer.values())
 
     @property
     def macs(self) -> int:
+        """Total MACs after the plan (dense without one)."""
         return self.batch * sum(m for _, m in self.per_layer.values())
 
     @property
     def dense_flops(self) -> int:
+        """2 * dense_macs."""
         return 2 * self.dense_macs
 
     @property
     def flops(self) -> int:
+        """2 * macs."""
         return 2 * self.macs
 
     @property

@@ -6,3 +6,14 @@ so the package imports without any of them; nothing else in chanaxis_fast depend
 - :mod:`chanaxis_fast.integrations.lightning`: :class:`AxisTrackerCallback`, an
   :class:`~chanaxis_fast.AxisTracker` as a PyTorch Lightning callback.
 """
+
+import importlib as _importlib
+
+_MODULES = ("lightning", "torch_pruning")
+
+
+def __getattr__(name):
+    """The adapters load on first use (``chanaxis_fast.integrations.lightning``), not with the package."""
+    if name in _MODULES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,6 +39,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def main(argv=None):
+    """Train with the recipe above and write the checkpoint and its metadata."""
     from chanaxis_fast.data import load_fashion_mnist
     from chanaxis_fast.training import evaluate_classifier, train_classifier
     from chanaxis_fast.zoo import ResNetMini, file_sha256
