@@ -46,21 +46,37 @@ class PatchStats:
         ``skip_nonfinite``, which drops the rows holding one (per group)."""
         if rows.dim() != 3:
             raise ValueError(f"{who}: rows must be 3-D [G, n, F], got {rows.dim()}-D")
-        G, n, Fd = rows.shape
-        rows = rows.to(torch.float64)
-        finite = torch.isfinite(rows).all(-1)
-        if skip_nonfinite:
-            n_b = finite.sum(1)
-            rows = torch.where(finite[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-            mean_b = rows.sum(1) / n_b.clamp_min(1)[:, None]
-            z = (rows - mean_b[:, None]) * finite[..., None]
-        else:
+        return self.update_columns(rows.transpose(1, 2), skip_nonfinite=skip_nonfinite, who=who)
+
+    def update_columns(self, cols: Tensor, *, skip_nonfinite: bool = False,
+                       who: str = "PatchStats.update_columns") -> "PatchStats":
+        """:meth:`update` with the rows given feature-major: ``cols`` Tensor[G, F, n] (any float
+        dtype, any strides; ``cols[g, :, r]`` is row r of group g).
+
+        The rows go to float64 in one [G, F, n] copy, so that the products are one batched
+        ``F x n`` by ``n x F`` matmul over contiguous memory; the finiteness check rides on the
+        means (a NaN/Inf value makes its group's mean non-finite) and the exact one runs only then.
+        """
+        if cols.dim() != 3:
+            raise ValueError(f"{who}: cols must be 3-D [G, F, n], got {cols.dim()}-D")
+        G, Fd, n = cols.shape
+        cols = cols.to(torch.float64, memory_format=torch.contiguous_format)
+        mean_b = cols.mean(2) if n else cols.new_zeros(G, Fd)
+        if skip_nonfinite or not bool(torch.isfinite(mean_b).all()):
+            finite = torch.isfinite(cols).all(1)  # [G, n]
+            if skip_nonfinite:
+                n_b = finite.sum(1)
+                cols = torch.where(finite[:, None], cols, torch.zeros((), dtype=cols.dtype, device=cols.device))
+                mean_b = cols.sum(2) / n_b.clamp_min(1)[:, None]
+                z = (cols - mean_b[..., None]) * finite[:, None]
+                self._fold(n_b, mean_b, z @ z.transpose(1, 2), who)
+                return self
             if not bool(finite.all()):
                 raise ValueError(f"{who}: NaN/Inf values in the data (pass skip_nonfinite=True to drop them)")
-            n_b = torch.full((G,), n, dtype=torch.int64, device=rows.device)
-            mean_b = rows.mean(1) if n else rows.new_zeros(G, Fd)
-            z = rows - mean_b[:, None]
-        self._fold(n_b, mean_b, z.transpose(1, 2) @ z, who)
+            mean_b = cols.mean(2)  # finite values whose float64 sum overflowed
+        n_b = torch.full((G,), n, dtype=torch.int64, device=cols.device)
+        z = cols - mean_b[..., None]
+        self._fold(n_b, mean_b, z @ z.transpose(1, 2), who)
         return self
 
     def merge(self, other: "PatchStats") -> "PatchStats":

@@ -52,23 +52,35 @@ def input_stats(x: Tensor, mod: nn.Module, node, index: IndexFn, *, skip_nonfini
     N = x.shape[0]
     ps = PatchStats()
     if node.kind == "conv":
-        xp = conv_pad(x, mod)
         (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
-        Ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-        Wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        if mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
+            src, (ph, pw) = x, mod.padding  # zero padding: masked below, no padded copy
+        else:
+            src, ph, pw = conv_pad(x, mod), 0, 0
+        C, Hs, Ws = src.shape[1:]
+        Ho = (Hs + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        Wo = (Ws + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         idx = index(N, Ho * Wo, x.device)
-        n = idx.shape[1]
-        step = max(1, _CHUNK // max(1, x.shape[1] * n * kh * kw))
-        ar_h = torch.arange(kh, device=x.device) * dh
-        ar_w = torch.arange(kw, device=x.device) * dw
+        n, k2 = idx.shape[1], kh * kw
+        flat_src = src.reshape(N, C, Hs * Ws)
+        step = max(1, _CHUNK // max(1, C * n * k2))
+        off_h = (torch.arange(kh, device=x.device) * dh - ph)[:, None]   # [kh, 1]
+        off_w = (torch.arange(kw, device=x.device) * dw - pw)[None, :]   # [1, kw]
         for i0 in range(0, N, step):
             ids = idx[i0:i0 + step]
-            ih = (ids // Wo * sh)[..., None] + ar_h               # [b, n, kh]
-            iw = (ids % Wo * sw)[..., None] + ar_w                # [b, n, kw]
-            img = torch.arange(i0, i0 + ids.shape[0], device=x.device)[:, None, None, None]
-            p = xp[img, :, ih[..., :, None], iw[..., None, :]]    # [b, n, kh, kw, C_in]
-            ps.update(p.permute(4, 0, 1, 2, 3).reshape(p.shape[-1], -1, kh * kw),
-                      skip_nonfinite=skip_nonfinite, who=who)
+            b = ids.shape[0]
+            ih = (ids // Wo * sh)[..., None, None] + off_h                 # [b, n, kh, 1]
+            iw = (ids % Wo * sw)[..., None, None] + off_w                  # [b, n, 1, kw]
+            at = (ih.clamp(0, Hs - 1) * Ws + iw.clamp(0, Ws - 1)).reshape(b, n * k2)
+            p = flat_src[i0:i0 + b].gather(2, at[:, None, :].expand(b, C, n * k2))  # [b, C_in, n k2]
+            if ph or pw:
+                inside = ((ih >= 0) & (ih < Hs) & (iw >= 0) & (iw < Ws)).reshape(b, 1, n * k2)
+                if not bool(inside.all()):
+                    p = torch.where(inside, p, torch.zeros((), dtype=p.dtype, device=p.device))
+            # [C_in, k2, b, n] -> float64 [C_in, k2, b n] in one copy
+            cols = p.view(b, C, n, k2).permute(1, 3, 0, 2).to(torch.float64,
+                                                               memory_format=torch.contiguous_format)
+            ps.update_columns(cols.reshape(C, k2, b * n), skip_nonfinite=skip_nonfinite, who=who)
     else:
         e = node.input_expand
         if x.dim() == 2:   # after flatten / pooling: each channel's e features are its patch
@@ -77,7 +89,7 @@ def input_stats(x: Tensor, mod: nn.Module, node, index: IndexFn, *, skip_nonfini
             flat = x.reshape(N, -1, x.shape[-1])
             idx = index(N, flat.shape[1], x.device)
             g = flat.gather(1, idx[..., None].expand(N, idx.shape[1], flat.shape[2]))
-            ps.update(g.reshape(-1, g.shape[-1]).T[..., None], skip_nonfinite=skip_nonfinite, who=who)
+            ps.update_columns(g.reshape(-1, g.shape[-1]).T[:, None, :], skip_nonfinite=skip_nonfinite, who=who)
     return ps
 
 
@@ -86,6 +98,6 @@ def output_stats(out: Tensor, node, index: IndexFn, *, skip_nonfinite: bool, who
     flat = channels_first(out, node.channel_dim)
     N, C, S = flat.shape
     idx = index(N, S, flat.device)
-    rows = flat.gather(2, idx[:, None, :].expand(N, C, idx.shape[1]))
-    return PatchStats().update(rows.permute(1, 0, 2).reshape(C, -1, 1), skip_nonfinite=skip_nonfinite,
-                               who=who)
+    rows = flat.gather(2, idx[:, None, :].expand(N, C, idx.shape[1]))  # [N, C, n]
+    return PatchStats().update_columns(rows.permute(1, 0, 2).reshape(C, 1, -1),
+                                       skip_nonfinite=skip_nonfinite, who=who)
