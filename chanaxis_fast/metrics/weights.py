@@ -118,18 +118,22 @@ def geometric_median(points: Tensor, tol: float = 1e-10, max_iter: int = 1000) -
     if scale == 0.0:
         return X[0].clone()
     tiny = 1e-12 * scale
+    not_median = set()  # points already tested (the test depends on the point only)
     for _ in range(max_iter):
         dist = (X - y).norm(dim=1)
         k = int(dist.argmin())
-        dk = (X - X[k]).norm(dim=1)
-        same = dk <= tiny
-        pull = ((X[~same] - X[k]) / dk[~same, None]).sum(0).norm()
-        if pull <= same.sum():
-            return X[k].clone()
+        if k not in not_median:
+            dk = (X - X[k]).norm(dim=1)
+            same = dk <= tiny
+            pull = ((X[~same] - X[k]) / dk[~same, None]).sum(0).norm()
+            if pull <= same.sum():
+                return X[k].clone()
+            not_median.add(k)
         on = dist <= tiny
-        w = 1.0 / dist[~on]
-        T = (w[:, None] * X[~on]).sum(0) / w.sum()
-        if on.any():  # Vardi-Zhang: the iterate is a (non-optimal) data point
+        off_data = not bool(on.any())
+        w = 1.0 / dist if off_data else 1.0 / dist[~on]  # (no copy of X when no point is hit)
+        T = (w[:, None] * (X if off_data else X[~on])).sum(0) / w.sum()
+        if not off_data:  # Vardi-Zhang: the iterate is a (non-optimal) data point
             R = float(((X[~on] - y) * w[:, None]).sum(0).norm())
             g = min(1.0, float(on.sum()) / R)
             y_new = (1.0 - g) * T + g * y
