@@ -2,7 +2,12 @@
 patches and the variance of each output channel, at the consumer's own output positions.
 
 Cost per image: a gather of ``P * C_in * k^2`` input values and ``C_in`` small ``k^2 x k^2``
-products per consumer (``P`` = 16 positions; every output position in "all"/"gap" mode).
+products per consumer (``P`` = 16 positions; every output position in "all"/"gap" mode). The
+gather reads the unpadded input (zero padding is masked) and lays the patches out feature-major,
+``[C_in, k^2, rows]`` in float64, so the products are contiguous batched matmuls: on resnet18
+with the CIFAR stem (128 images, batch 128, 2 threads) ``extras=["sfvr"]`` went from 3.1x to
+1.9x a plain forward (A/B in one run; 10.2x to 2.7x on a loaded machine, where the strided
+batched matmul of before suffered most).
 """
 
 from typing import Callable, Dict, Iterable, Tuple
