@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import ops
 from .digest import data_digest, dataset_indices, digest as _digest, model_digest
 from .errors import UserInputError
 from .extras import EXTRAS, channels_first, parse_extras, ranks, sfvr
@@ -728,18 +727,6 @@ def _advance(gen, cal, offset: int, mode: str, P: int) -> None:
     cal.stream_images = offset
 
 
-def _batch_stats(rows: Tensor, t: Tensor, skip_nonfinite: bool) -> ChannelStats:
-    """The ChannelStats of one batch's rows ``[N, C, n, 1]`` and targets, holding the op's moments
-    as they are (what ``ChannelStats().update`` gives, without its zero-filled D x D start and
-    second fold: at D = 2049, resnet50's widest layers, those cost as much as the co-moment of a
-    16-image batch)."""
-    m = ops.channel_moments(rows, t, mode="all", skip_nonfinite=skip_nonfinite)
-    s = ChannelStats(device=m.mean.device)
-    s.num_channels, s.has_target = m.mean.shape[0] - 1, True
-    s.count, s.mean, s.comoment = int(m.count), m.mean, m.comoment
-    return s
-
-
 def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights, mode, P,
                rank_images, image_offset=None):
     """One forward (with grad for Taylor), then fold everything in; nothing is folded on error."""
@@ -767,7 +754,9 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
     if missing:
         raise RuntimeError(f"calibrate: no read-out was captured for {', '.join(missing)} "
                            f"(the forward pass took another path than the traced one)")
-    batch_stats = {l: _batch_stats(hooks.rows[l], t, cal.config["skip_nonfinite"]) for l in cal.layers}
+    batch_stats = {l: ChannelStats().update(hooks.rows[l], t, mode="all",
+                                            skip_nonfinite=cal.config["skip_nonfinite"])
+                   for l in cal.layers}
     for c in cal.patches:
         if c not in hooks.patch or c not in hooks.out:
             raise RuntimeError(f"calibrate: consumer {c!r} was not called in this forward pass")
