@@ -55,10 +55,11 @@ def channel_moments(
             nothing), each centred value is rounded once to float32, each chunk of rows (up to
             about 4M / C of them) is multiplied by a float32 GEMM (MKL / cuBLAS, at full float32
             precision even when ``torch.set_float32_matmul_precision`` allows TF32 or bfloat16)
-            and the chunks are summed in float64. The co-moment is then within about 1e-7
-            relative (Frobenius norm) of the float64 result, e.g. on data with mean 1e4 and
-            std 1 (float32 ``torch.cov`` is off by about 1e-5 there, a one-pass float32 formula
-            completely); count and mean are the same bits as with ``"float64"``.
+            and the chunks are summed in float64. The co-moment is then within about 1e-7 to
+            2e-7 relative (Frobenius norm) of the float64 result on data with mean 1e4 and
+            std 1 (float32 ``torch.cov`` is off by about 6e-6 there, a one-pass float32 formula
+            by 100 times the result; benchmarks/bench_channel_moments.py); count and mean are
+            the same bits as with ``"float64"``.
             Which to use: the default is ``"float64"`` on every device, the reproducible choice.
             On a CPU float64 GEMM runs at half the float32 rate, so ``"float32"`` saves up to
             half of the product's time on wide layers. On a GPU the saving is much larger on
