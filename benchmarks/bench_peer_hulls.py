@@ -23,16 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from chanaxis_fast import ops, reference  # noqa: E402
 from chanaxis_fast.reference import _full_explained_variance, _hull_of_channel, _ridged  # noqa: E402
+from chanaxis_fast.bench import correlation  # noqa: E402
 from common import timeit  # noqa: E402
-
-
-def correlation(C, seed=0):
-    """Correlation of 4C samples of C channels with low-rank structure (C / 32 shared factors)."""
-    g = torch.Generator().manual_seed(seed)
-    N, rank = 4 * C, max(2, C // 32)
-    X = torch.randn(N, C, generator=g, dtype=torch.float64)
-    X += torch.randn(N, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, C, generator=g, dtype=torch.float64)
-    return torch.corrcoef(X.T)
 
 
 def bench_hulls(C, ref_channels, device, max_size=10, eps=0.05, ridge=1e-3):

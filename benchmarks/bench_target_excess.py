@@ -20,18 +20,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import chanaxis_fast  # noqa: E402
 from chanaxis_fast import ops, reference  # noqa: E402
+from chanaxis_fast.bench import layer_cov_t  # noqa: E402
 from common import ms, print_table, timeit  # noqa: E402
 
 JITTER = 1e-10
-
-
-def layer_cov_t(C, n, seed=0):
-    """Covariance of C correlated channels and a target that depends on a few of them."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randn(n, C, generator=g, dtype=torch.float64)
-    y = y @ (torch.eye(C, dtype=torch.float64) + 0.05 * torch.randn(C, C, generator=g, dtype=torch.float64))
-    t = y[:, :8].sum(1) + torch.randn(n, generator=g, dtype=torch.float64)
-    return torch.cov(torch.cat([y, t[:, None]], 1).T)
 
 
 # ----------------------------------------------------------------------------- pure PyTorch

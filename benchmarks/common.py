@@ -1,36 +1,14 @@
-"""Timing helpers shared by the benchmarks: median wall time, and a plain-text table."""
+"""Timing helpers shared by the benchmarks (those of :mod:`chanaxis_fast.bench`): median time
+(CUDA events on a CUDA device), and a plain-text table."""
 
-import statistics
-import time
+import os
+import sys
 
-import torch
-
-
-def timeit(fn, *, repeat=5, warmup=1, min_time=0.0):
-    """Median wall time of fn() in seconds over `repeat` runs (after `warmup` runs)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    while len(times) < repeat or sum(times) < min_time:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# the benchmarks measure this checkout's package (built in place), whatever is installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from chanaxis_fast.bench import format_table, ms, timeit  # noqa: E402,F401
 
 
 def print_table(header, rows):
     """Print rows (lists of already formatted cells) under header, as a Markdown table."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
-
-
-def ms(seconds):
-    return f"{seconds * 1e3:.2f} ms"
+    print(format_table(header, rows))

@@ -2,26 +2,12 @@
 
 :func:`calibrate` runs the model over a calibration loader with forward hooks and keeps, per
 calibrated layer, the :class:`~chanaxis_fast.stats.ChannelStats` of the rows ``[Y_1..Y_C, T]``
-(METHOD §1-2), plus the inputs of the data-based baselines (METHOD §4), all in the same pass:
-
-- ``"sfvr"``: for every conv/linear *consumer* of a calibrated layer, the per-input-channel
-  covariance of its input patches (:class:`PatchStats`, ``C_in x k^2 x k^2``) and the variance of
-  each of its (pre-BN) output channels, at the consumer's own sampled output positions ("sample")
-  or at every output position ("all" and "gap"). Cost per image: a gather of
-  ``P * C_in * k^2`` input values and ``C_in`` small ``k^2 x k^2`` products per consumer (``P`` =
-  16 positions; every output position in "all"/"gap" mode).
-- ``"taylor"``: the gradient of the cross-entropy with ``reduction="sum"`` with respect to every
-  calibrated layer's weight, summed over the calibration batches (a sum over images, so it does
-  not depend on the batching). Cost: the forward keeps its autograd graph and one backward per
-  batch (about 3x a plain forward), float64 memory of the calibrated weights.
-- ``"hrank"``: the mean over the first ``rank_images`` images of the matrix rank of each channel's
-  H x W feature map at the read-out point (HRank). Cost: ``rank_images * C`` small SVDs per layer.
-- ``"chip"``: the mean over the same images of ``||A||_* - ||A with row c zeroed||_*``, ``A`` the
-  C x HW feature matrix of one image at the read-out (CHIP). Cost per image and layer: one
-  eigendecomposition of an ``m x m`` Gram matrix, ``m = min(C, HW)``, and ``C`` secular
-  equations of ``O(m^2)`` each (see :func:`chip_drops`), instead of ``C`` SVDs of ``m x m``:
-  15x faster over the 20 convs of a CIFAR ResNet-18, 55x on one 256 x 784 map
-  (benchmarks/bench_chip.py, one thread), yet still about 7 forward passes per image there.
+(METHOD §1-2), plus the inputs of the data-based baselines (METHOD §4), all in the same pass.
+This module holds the pass (its hooks and the batch loop) and the :class:`Calibration`
+container; each baseline's input lives in a module of :mod:`chanaxis_fast.extras`
+(``"sfvr"``: :mod:`~chanaxis_fast.extras.sfvr`, with :class:`~chanaxis_fast.patch_stats.PatchStats`;
+``"taylor"``: :mod:`~chanaxis_fast.extras.taylor`; ``"hrank"`` and ``"chip"``:
+:mod:`~chanaxis_fast.extras.ranks`), where its cost is documented.
 
 Everything is float64 and merged with the exact pairwise (Chan et al.) update, so results do not
 depend on the batch size. Long runs can be checkpointed and resumed (``checkpoint=``).
@@ -34,22 +20,22 @@ import re
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import ops
 from .digest import data_digest, dataset_indices, digest as _digest, model_digest
 from .errors import UserInputError
+from .extras import EXTRAS, channels_first, parse_extras, ranks, sfvr
+from .extras.ranks import chip_drops  # noqa: F401  (re-exported: chanaxis_fast.calibration.chip_drops)
+from .extras.taylor import taylor_grads
 from .graph import ModelGraph, trace_model
+from .patch_stats import PatchStats
 from .runtime import SaveSchedule, check_writable, sigterm_as_interrupt
 from .stats import ChannelStats, StatsFileError, atomic_save, check_header, read_state
 
 _FORMAT = "chanaxis_fast.Calibration"
-_PATCH_FORMAT = "chanaxis_fast.PatchStats"
 _VERSION = 1
 
-EXTRAS = ("sfvr", "taylor", "hrank", "chip")
 MODES = ("sample", "all", "gap")
 READOUTS = ("pre_bn", "post_bn", "post_act")
 # Configuration entries that define the result: a checkpoint resumes only when they all agree.
@@ -61,149 +47,6 @@ _DATA_DIFF = {
     "first_batch_digest": "first_batch_digest: the loader's first batch differs (other data, order or "
                           "batch size; to resume, the loader must yield the same batches in the same order)",
 }
-_CHUNK = 1 << 23  # float64 elements per working block of the patch gather (64 MiB)
-
-
-# ====================================================================== PatchStats
-class PatchStats:
-    """``G`` independent streamed covariances of ``F``-dimensional rows, float64, merged exactly.
-
-    Used for SFVR: group ``i`` is input channel ``i`` of a consumer and its rows are that channel's
-    ``k x k`` input patches (``F = k^2``); with ``F = 1`` it holds per-channel variances.
-
-    count: int64 [G]; mean: float64 [G, F]; comoment: float64 [G, F, F] (centred sums of products).
-    Batches fold in with the pairwise update of :class:`~chanaxis_fast.stats.ChannelStats`, one
-    group at a time in a batched form, so the result does not depend on the batching.
-    """
-
-    def __init__(self, groups: Optional[int] = None, features: Optional[int] = None, *, device=None):
-        self.groups, self.features = groups, features
-        self.count: Optional[Tensor] = None
-        self.mean: Optional[Tensor] = None
-        self.comoment: Optional[Tensor] = None
-        self.device = None if device is None else torch.device(device)
-        if groups is not None and features is not None:
-            self._allocate(self.device or torch.device("cpu"))
-
-    def _allocate(self, device):
-        G, Fd = self.groups, self.features
-        self.device = device
-        self.count = torch.zeros(G, dtype=torch.int64, device=device)
-        self.mean = torch.zeros(G, Fd, dtype=torch.float64, device=device)
-        self.comoment = torch.zeros(G, Fd, Fd, dtype=torch.float64, device=device)
-
-    def update(self, rows: Tensor, *, skip_nonfinite: bool = False, who: str = "PatchStats.update"
-               ) -> "PatchStats":
-        """Fold in ``rows``: Tensor[G, n, F] (any float dtype). NaN/Inf raise ``ValueError`` unless
-        ``skip_nonfinite``, which drops the rows holding one (per group)."""
-        if rows.dim() != 3:
-            raise ValueError(f"{who}: rows must be 3-D [G, n, F], got {rows.dim()}-D")
-        G, n, Fd = rows.shape
-        rows = rows.to(torch.float64)
-        finite = torch.isfinite(rows).all(-1)
-        if skip_nonfinite:
-            n_b = finite.sum(1)
-            rows = torch.where(finite[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-            mean_b = rows.sum(1) / n_b.clamp_min(1)[:, None]
-            z = (rows - mean_b[:, None]) * finite[..., None]
-        else:
-            if not bool(finite.all()):
-                raise ValueError(f"{who}: NaN/Inf values in the data (pass skip_nonfinite=True to drop them)")
-            n_b = torch.full((G,), n, dtype=torch.int64, device=rows.device)
-            mean_b = rows.mean(1) if n else rows.new_zeros(G, Fd)
-            z = rows - mean_b[:, None]
-        self._fold(n_b, mean_b, z.transpose(1, 2) @ z, who)
-        return self
-
-    def merge(self, other: "PatchStats") -> "PatchStats":
-        """Fold in the statistics of another PatchStats of the same shape."""
-        if other.mean is not None:
-            self._fold(other.count, other.mean, other.comoment, "PatchStats.merge")
-        return self
-
-    def _fold(self, n_b: Tensor, mean_b: Tensor, M_b: Tensor, who: str):
-        G, Fd = mean_b.shape
-        if self.groups is not None and (self.groups, self.features) != (G, Fd):
-            raise ValueError(f"{who}: these statistics hold {self.groups} groups of {self.features} "
-                             f"features, the new data {G} of {Fd}")
-        self.groups, self.features = G, Fd
-        if self.mean is None:
-            self._allocate(self.device or mean_b.device)
-        n_b = n_b.to(self.device)
-        mean_b = mean_b.to(self.device, torch.float64)
-        M_b = M_b.to(self.device, torch.float64)
-        n_a = self.count
-        n = n_a + n_b
-        nd = n.double().clamp_min(1)  # groups that saw no row stay at zero
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b.double() / nd)[:, None]
-        self.comoment = (self.comoment + M_b + delta[:, :, None] * delta[:, None, :]
-                         * (n_a.double() * n_b.double() / nd)[:, None, None])
-        self.count = n
-
-    def all_reduce(self, group=None) -> "PatchStats":
-        """Combine the statistics of every process (torch.distributed), in place, exactly: as
-        :meth:`ChannelStats.all_reduce <chanaxis_fast.ChannelStats.all_reduce>`, group by group."""
-        import torch.distributed as dist
-
-        if self.mean is None:
-            raise RuntimeError("PatchStats.all_reduce: this process holds no statistics; construct "
-                               "PatchStats(groups, features) on every process")
-        n_k = self.count.double()
-        sums = torch.cat([n_k[:, None], self.mean * n_k[:, None]], 1)
-        dist.all_reduce(sums, group=group)
-        n = sums[:, 0]
-        mean = sums[:, 1:] / n.clamp_min(1)[:, None]
-        d = self.mean - mean
-        M = self.comoment + d[:, :, None] * d[:, None, :] * n_k[:, None, None]
-        dist.all_reduce(M, group=group)
-        self.count, self.mean, self.comoment = n.round().long(), mean, M
-        return self
-
-    def covariance(self) -> Tensor:
-        """Unbiased covariances ``M / (n - 1)``, float64 [G, F, F]."""
-        if self.count is None or bool((self.count < 2).any()):
-            raise ValueError("PatchStats.covariance: needs at least 2 rows in every group")
-        return self.comoment / (self.count.double() - 1)[:, None, None]
-
-    def variance(self) -> Tensor:
-        """Unbiased variances, float64 [G, F]."""
-        return self.covariance().diagonal(dim1=1, dim2=2)
-
-    def state_dict(self) -> dict:
-        """format, version, count, mean, comoment (on the CPU) and a checksum of them."""
-        if self.mean is None:
-            raise ValueError("PatchStats.state_dict: no statistics yet")
-        state = {"format": _PATCH_FORMAT, "version": _VERSION, "count": self.count.cpu(),
-                 "mean": self.mean.cpu(), "comoment": self.comoment.cpu()}
-        state["checksum"] = _digest(state)
-        return state
-
-    def load_state_dict(self, state: dict, who: str = "PatchStats.load_state_dict") -> "PatchStats":
-        """Replace these statistics by those of :meth:`state_dict`'s output, after checking its
-        format, version, shapes, dtypes and checksum (:class:`StatsFileError` otherwise)."""
-        check_header(state, _PATCH_FORMAT, _VERSION, who, "PatchStats", "recalibrate")
-        body = {k: v for k, v in state.items() if k != "checksum"}
-        try:
-            count, mean, M = state["count"], state["mean"], state["comoment"]
-            G, Fd = mean.shape
-            ok = (count.shape == (G,) and M.shape == (G, Fd, Fd) and count.dtype == torch.int64
-                  and mean.dtype == torch.float64 and M.dtype == torch.float64)
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            raise StatsFileError(f"{who}: incomplete state ({type(e).__name__}: {e})") from None
-        if not ok:
-            raise StatsFileError(f"{who}: inconsistent shapes or dtypes")
-        if state.get("checksum") != _digest(body):
-            raise StatsFileError(f"{who}: checksum mismatch, the statistics are corrupt")
-        self.groups, self.features = G, Fd
-        self._allocate(self.device or torch.device("cpu"))
-        self.count, self.mean, self.comoment = (count.to(self.device), mean.to(self.device),
-                                                M.to(self.device))
-        return self
-
-    def __repr__(self):
-        return f"PatchStats(groups={self.groups}, features={self.features}, device={self.device})"
-
 
 # ====================================================================== targets, positions, CHIP
 def logit_margin(logits: Tensor, labels: Tensor) -> Tensor:
@@ -223,61 +66,11 @@ def sample_positions(u: Tensor, size: int) -> Tensor:
     return (u.double() * size).floor().long().clamp_(max=size - 1)
 
 
-def chip_drops(A: Tensor) -> Tensor:
-    """CHIP's per-channel drop ``||A||_* - ||A with row c zeroed||_*`` for a batch of matrices.
-
-    A: Tensor[k, C, S] (one C x S feature matrix per image), computed in float64 -> [k, C], by
-    :func:`chanaxis_fast.ops.chip_drops` (one Gram eigendecomposition per image, then each
-    channel's secular equation; :func:`chanaxis_fast.reference.chip_drops` is the one-SVD-per-channel
-    reference).
-    """
-    return ops.chip_drops(A)
-
 
 # ====================================================================== small helpers
-def _channels_first(x: Tensor, channel_dim: int) -> Tensor:
-    """[N, C, S] view/copy of a read-out with channels at ``channel_dim`` (S = 1 without spatial dims)."""
-    if channel_dim % x.dim() != 1:
-        x = x.movedim(channel_dim, 1)
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _maps(x: Tensor, channel_dim: int) -> Tensor:
-    """[N, C, H, W] feature maps of a read-out (no spatial dims: 1 x 1; one: L x 1)."""
-    if channel_dim % x.dim() != 1:
-        x = x.movedim(channel_dim, 1)
-    if x.dim() == 4:
-        return x
-    return x.reshape(x.shape[0], x.shape[1], -1, 1) if x.dim() != 2 else x[:, :, None, None]
-
-
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
-
-def _conv_pad(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """The input as the conv sees it after padding (so that patches can be cut with padding 0)."""
-    if conv.padding_mode != "zeros":
-        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-    if isinstance(conv.padding, str):
-        return F.pad(x, conv._reversed_padding_repeated_twice)
-    ph, pw = conv.padding
-    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-
-
-def _parse_extras(extras) -> List[str]:
-    if extras is None or extras == "none":
-        return []
-    if extras == "all":
-        return list(EXTRAS)
-    if isinstance(extras, str):
-        extras = [extras]
-    extras = list(extras)
-    for e in extras:
-        if e not in EXTRAS:
-            raise UserInputError(f"calibrate: unknown extra {e!r}; choose from {', '.join(EXTRAS)} "
-                             f"(or 'all' / None)")
-    return [e for e in EXTRAS if e in extras]
 
 
 def select_layers(model: nn.Module, graph: ModelGraph, layers, readout: str) -> List[str]:
@@ -548,7 +341,7 @@ class _Pass:
     def _capture(self, layer: str, out: Tensor):
         node = self.graph.layers[layer]
         x = out.detach()
-        flat = _channels_first(x, node.channel_dim)
+        flat = channels_first(x, node.channel_dim)
         N, C, S = flat.shape
         if self.mode == "sample":
             idx = self._index(N, S, x.device)
@@ -563,76 +356,27 @@ class _Pass:
             self._ranks(layer, x[: self.rank_todo], node.channel_dim)
 
     def _ranks(self, layer, x, channel_dim):
-        maps = _maps(x, channel_dim)
-        ok = torch.isfinite(maps).flatten(1).all(1)
-        if not bool(ok.all()):
-            if not self.skip:
-                raise ValueError(f"calibrate: NaN/Inf in the read-out of layer {layer!r} (pass "
-                                 f"skip_nonfinite=True to drop such images)")
-            maps = maps[ok]
-        k, C = maps.shape[:2]
-        hr = ch = None
-        if "hrank" in self.extras:
-            m = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
-            hr = torch.linalg.matrix_rank(m).sum(0).double() if k else maps.new_zeros(C, dtype=torch.float64)
-        if "chip" in self.extras:
-            ch = chip_drops(maps.reshape(k, C, -1)).sum(0) if k else maps.new_zeros(C, dtype=torch.float64)
-        self.ranks[layer] = (hr, ch, k)
+        self.ranks[layer] = ranks.rank_sums(layer, x, channel_dim, self.extras, self.skip)
 
     # -------------------------------------------------------------- SFVR consumers
     def _patch_hook(self, name):
         node = self.graph.layers[name]
+        who = f"calibrate: input of consumer {name!r}"
 
         def hook(mod, args):
-            if not self.active:
-                return
-            x = args[0].detach()
-            who = f"calibrate: input of consumer {name!r}"
-            N = x.shape[0]
-            ps = PatchStats()
-            if node.kind == "conv":
-                xp = _conv_pad(x, mod)
-                (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
-                Ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-                Wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-                idx = self._index(N, Ho * Wo, x.device)
-                n = idx.shape[1]
-                step = max(1, _CHUNK // max(1, x.shape[1] * n * kh * kw))
-                ar_h = torch.arange(kh, device=x.device) * dh
-                ar_w = torch.arange(kw, device=x.device) * dw
-                for i0 in range(0, N, step):
-                    ids = idx[i0:i0 + step]
-                    ih = (ids // Wo * sh)[..., None] + ar_h               # [b, n, kh]
-                    iw = (ids % Wo * sw)[..., None] + ar_w                # [b, n, kw]
-                    img = torch.arange(i0, i0 + ids.shape[0], device=x.device)[:, None, None, None]
-                    p = xp[img, :, ih[..., :, None], iw[..., None, :]]    # [b, n, kh, kw, C_in]
-                    ps.update(p.permute(4, 0, 1, 2, 3).reshape(p.shape[-1], -1, kh * kw),
-                              skip_nonfinite=self.skip, who=who)
-            else:
-                e = node.input_expand
-                if x.dim() == 2:   # after flatten / pooling: each channel's e features are its patch
-                    ps.update(x.reshape(N, -1, e).permute(1, 0, 2), skip_nonfinite=self.skip, who=who)
-                else:              # channels-last [N, ..., C_in]: one feature per position
-                    flat = x.reshape(N, -1, x.shape[-1])
-                    idx = self._index(N, flat.shape[1], x.device)
-                    g = flat.gather(1, idx[..., None].expand(N, idx.shape[1], flat.shape[2]))
-                    ps.update(g.reshape(-1, g.shape[-1]).T[..., None], skip_nonfinite=self.skip, who=who)
-            self.patch[name] = ps
+            if self.active:
+                self.patch[name] = sfvr.input_stats(args[0].detach(), mod, node, self._index,
+                                                    skip_nonfinite=self.skip, who=who)
         return hook
 
     def _output_hook(self, name):
         node = self.graph.layers[name]
+        who = f"calibrate: output of consumer {name!r}"
 
         def hook(mod, args, out):
-            if not self.active:
-                return
-            flat = _channels_first(out.detach(), node.channel_dim)
-            N, C, S = flat.shape
-            idx = self._index(N, S, flat.device)
-            rows = flat.gather(2, idx[:, None, :].expand(N, C, idx.shape[1]))
-            self.out[name] = PatchStats().update(rows.permute(1, 0, 2).reshape(C, -1, 1),
-                                                 skip_nonfinite=self.skip,
-                                                 who=f"calibrate: output of consumer {name!r}")
+            if self.active:
+                self.out[name] = sfvr.output_stats(out.detach(), node, self._index,
+                                                   skip_nonfinite=self.skip, who=who)
         return hook
 
 
@@ -749,7 +493,7 @@ def calibrate(
         target_name = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', repr(target))}"
     else:
         raise UserInputError(f"calibrate: target must be 'logit_margin' or a callable, got {type(target).__name__}")
-    extras = _parse_extras(extras)
+    extras = parse_extras(extras)
     params = list(model.parameters())
     if device is None:
         device = params[0].device if params else torch.device("cpu")
@@ -969,42 +713,8 @@ def _new_calibration(model, graph, names, config, extras, device) -> Calibration
         if "chip" in extras:
             cal.chip_sums[l] = torch.zeros(C, dtype=torch.float64, device=device)
     if "sfvr" in extras:
-        for l in names:
-            for c, _, e in graph.consumers(l):
-                if c in cal.patches:
-                    continue
-                node = graph.layers[c]
-                k2 = node.kernel_size[0] * node.kernel_size[1] if node.kind == "conv" else e
-                cal.patches[c] = PatchStats(node.in_channels // (1 if node.kind == "conv" else e), k2,
-                                            device=device)
-                cal.outputs[c] = PatchStats(node.out_channels, 1, device=device)
+        cal.patches, cal.outputs = sfvr.new_consumer_stats(graph, names, device)
     return cal
-
-
-def _taylor_grads(model, hooks: _Pass, weights, logits, images, labels, skip_nonfinite):
-    """Gradients of the summed cross-entropy w.r.t. the calibrated weights (float64).
-
-    Images with a non-finite loss raise, or with ``skip_nonfinite`` are left out by a second,
-    gradient-only forward on the other images (their NaN would otherwise reach every gradient)."""
-    per_image = F.cross_entropy(logits, labels, reduction="none")
-    ok = torch.isfinite(per_image.detach())
-    params = list(weights.values())
-    if bool(ok.all()):
-        g = torch.autograd.grad(per_image.sum(), params, allow_unused=True)
-    elif not skip_nonfinite:
-        raise ValueError(f"calibrate: non-finite cross-entropy for {int((~ok).sum())} images (Taylor "
-                         f"gradients); pass skip_nonfinite=True to leave them out")
-    elif not bool(ok.any()):
-        g = [None] * len(params)
-    else:
-        hooks.active = False
-        try:
-            loss = F.cross_entropy(model(images[ok]), labels[ok], reduction="sum")
-        finally:
-            hooks.active = True
-        g = torch.autograd.grad(loss, params, allow_unused=True)
-    return {l: (gi if gi is not None else torch.zeros_like(w)).detach().double()
-            for (l, w), gi in zip(weights.items(), g)}
 
 
 def _advance(gen, cal, offset: int, mode: str, P: int) -> None:
@@ -1038,7 +748,7 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
             raise ValueError(f"calibrate: the target must be a Tensor[{N}] (one value per image), got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
         t = t.detach().to(images.device, torch.float64)
-        grads = _taylor_grads(model, hooks, weights, logits, images, labels.long(),
+        grads = taylor_grads(model, hooks, weights, logits, images, labels.long(),
                               cal.config["skip_nonfinite"]) if weights else {}
     missing = [l for l in cal.layers if l not in hooks.rows]
     if missing:

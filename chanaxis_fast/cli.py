@@ -628,6 +628,20 @@ def cmd_metrics(args):
     return 0
 
 
+def cmd_bench(args):
+    """``chanaxis-fast bench``: every op against its reference and the end-to-end calibration against
+    a plain forward, in one table (and JSON with ``--out``); see :mod:`chanaxis_fast.bench`."""
+    from . import bench
+
+    log = None if args.quiet or args.json else (lambda cells: _say("  " + " | ".join(cells)))
+    result = bench.run_from_args(args, log=log)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    _emit(args, result, bench.table(result) + (f"\nwrote {args.out}" if args.out else ""))
+    return 0
+
+
 def cmd_info(args):
     """``chanaxis-fast info``: what this build contains (CUDA kernels, architectures, ...)."""
     import chanaxis_fast as cf
@@ -815,6 +829,13 @@ def build_parser():
     p = sub.add_parser("metrics", help="list the registered metrics")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_metrics)
+    p = sub.add_parser("bench", help="every op against pure PyTorch, and calibrate against a plain "
+                                     "forward, in one table")
+    from .bench import add_arguments as _bench_arguments
+
+    _bench_arguments(p)
+    _add_common(p)
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("info", help="build facts")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
