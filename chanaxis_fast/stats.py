@@ -75,6 +75,7 @@ class ChannelStats:
 
     @count.setter
     def count(self, n) -> None:
+        """Set the number of rows (an int; drops a pending device count)."""
         self._host_count = int(n)
         self._device_count = None
 
