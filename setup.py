@@ -46,7 +46,9 @@ else:
 sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(HERE, "csrc")]
 define_macros = []
-extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+# -ffp-contract=off: the CPU and CUDA kernels promise the same float64 operations (common/fp.h); a
+# host compiler targeting FMA hardware (aarch64, -march=native) must not fuse a * b + c either.
+extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-ffp-contract=off"]}
 arch_list = ""
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -56,7 +58,11 @@ if with_cuda:
         ("CHANAXIS_CUDA_ARCH_LIST", f'"{arch_list}"'),
         ("CHANAXIS_CUDA_VERSION", f'"{torch.version.cuda}"'),
     ]
-    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    # --fmad=false: no FMA contraction in device code, so the shared C10_HOST_DEVICE math of
+    # csrc/common runs the CPU's operations (the determinants and hull steps also use the _rn
+    # intrinsics of common/fp.h, which are never contracted whatever the flags).
+    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "--fmad=false",
+                                  "-Xcompiler", "-ffp-contract=off"]
     # cublas_v2.h / cusparse.h ship in the pip wheels of CUDA 13, not always in CUDA_HOME.
     import site
 

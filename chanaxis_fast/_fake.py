@@ -6,7 +6,7 @@ _lib = "chanaxis_fast::"
 
 
 @torch.library.register_fake(_lib + "channel_moments")
-def _channel_moments_fake(x, target, positions, mode, channel_dim, skip_nonfinite):
+def _channel_moments_fake(x, target, positions, mode, channel_dim, skip_nonfinite, precision="float64"):
     C = x.shape[channel_dim]
     D = C + (1 if target is not None else 0)
     f64 = dict(dtype=torch.float64, device=x.device)

@@ -516,11 +516,13 @@ def _mask_tensors(model: nn.Module, plan: MaskPlan) -> List[Tuple[Tensor, Tensor
                 cols = ((rows + off)[:, None] * e + torch.arange(e)).reshape(-1)
                 mark(mod.weight, 0.0, (slice(None), cols))
             else:
+                # input channel k of a grouped conv feeds the output rows of its group only
                 cin_g = mod.in_channels // mod.groups
                 cout_g = mod.out_channels // mod.groups
-                for k in (rows + off).tolist():
-                    grp = k // cin_g
-                    mark(mod.weight, 0.0, (slice(grp * cout_g, (grp + 1) * cout_g), k % cin_g))
+                k = rows + off
+                out_rows = ((k // cin_g)[:, None] * cout_g + torch.arange(cout_g)).reshape(-1)
+                in_cols = (k % cin_g).repeat_interleave(cout_g)
+                mark(mod.weight, 0.0, (out_rows, in_cols))
     return [tuple(v) for v in masks.values()]
 
 

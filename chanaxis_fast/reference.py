@@ -44,8 +44,15 @@ def channel_moments(
     mode: Optional[str] = None,
     channel_dim: int = 1,
     skip_nonfinite: bool = False,
+    precision: str = "float64",
 ) -> Moments:
-    """Reference of :func:`chanaxis_fast.ops.channel_moments` (float64, on x's device)."""
+    """Reference of :func:`chanaxis_fast.ops.channel_moments` (float64, on x's device).
+
+    ``precision="float32"``: centred in float64, the product of the centred rows rounded to
+    float32 taken in float32 (one product for the whole batch), returned as float64.
+    """
+    if precision not in ("float64", "float32"):
+        raise ValueError(f"channel_moments: precision must be 'float64' or 'float32', got {precision!r}")
     if mode is None:
         mode = "positions" if positions is not None else "all"
     y = _rows(x, target, positions, mode, channel_dim)
@@ -54,6 +61,9 @@ def channel_moments(
     count = y.shape[0]
     mean = y.mean(0) if count else y.new_zeros(y.shape[1])
     z = y - mean
+    if precision == "float32":
+        z = z.float()
+        return Moments(torch.tensor(count, device=y.device), mean, (z.T @ z).double())
     return Moments(torch.tensor(count, device=y.device), mean, z.T @ z)
 
 

@@ -41,11 +41,21 @@ class ChannelStats:
             may see no data); otherwise taken from the first update.
         has_target: whether the rows carry a target column (the last one).
         device: where the statistics live; by default the device of the first update.
+        precision: ``"float64"`` (default) or ``"float32"``, the precision of the co-moment
+            product of each batch (see :func:`chanaxis_fast.ops.channel_moments`); the running
+            statistics are float64 either way.
+
+    On a GPU, :meth:`update` keeps the count on the device too (no host-device synchronisation per
+    batch beyond the one inside the op); reading :attr:`count` synchronises once.
     """
 
     def __init__(self, num_channels: Optional[int] = None, *, has_target: Optional[bool] = None,
-                 device=None):
-        self.count = 0
+                 device=None, precision: str = "float64"):
+        if precision not in ("float64", "float32"):
+            raise ValueError(f"ChannelStats: precision must be 'float64' or 'float32', got {precision!r}")
+        self.precision = precision
+        self._host_count = 0
+        self._device_count: Optional[Tensor] = None  # int64 [] on self.device, when pending
         self.num_channels = num_channels
         self.has_target = has_target
         self.device = None if device is None else torch.device(device)
@@ -55,6 +65,20 @@ class ChannelStats:
             self._allocate(num_channels + int(has_target), self.device or torch.device("cpu"))
 
     # ------------------------------------------------------------------ accumulation
+    @property
+    def count(self) -> int:
+        """Number of rows folded in (an int; on a GPU reading it synchronises once)."""
+        if self._device_count is not None:
+            self._host_count = int(self._device_count)
+            self._device_count = None
+        return self._host_count
+
+    @count.setter
+    def count(self, n) -> None:
+        """Set the number of rows (an int; drops a pending device count)."""
+        self._host_count = int(n)
+        self._device_count = None
+
     @property
     def dim(self) -> Optional[int]:
         """D = C (+1 with a target): the size of the mean and co-moment."""
@@ -71,9 +95,18 @@ class ChannelStats:
                skip_nonfinite: bool = False) -> "ChannelStats":
         """Fold in one batch; the arguments are those of :func:`chanaxis_fast.ops.channel_moments`."""
         m = ops.channel_moments(x, target, positions, mode=mode, channel_dim=channel_dim,
-                                skip_nonfinite=skip_nonfinite)
+                                skip_nonfinite=skip_nonfinite, precision=self.precision)
         C = m.mean.shape[0] - (target is not None)
-        self._fold(int(m.count), m.mean, m.comoment, C, target is not None, "update")
+        d = m.count.device
+        on_device = d.type != "cpu" and (self.device is None or (
+            self.device.type == d.type and self.device.index in (None, d.index)))
+        if on_device:  # keep the count on the GPU: no synchronisation here
+            self._check_shape(C, target is not None, "update")
+            if self.mean is None:
+                self._allocate(C + int(target is not None), m.count.device)
+            self._fold_on_device(m.count, m.mean, m.comoment)
+        else:
+            self._fold(int(m.count), m.mean, m.comoment, C, target is not None, "update")
         return self
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
@@ -85,7 +118,7 @@ class ChannelStats:
                        other.has_target, "merge")
         return self
 
-    def _fold(self, n_b: int, mean_b: Tensor, M_b: Tensor, C: int, has_target: bool, op: str):
+    def _check_shape(self, C: int, has_target: bool, op: str):
         if self.num_channels is not None and self.num_channels != C:
             raise ValueError(f"ChannelStats.{op}: these statistics have {self.num_channels} channels, "
                              f"the new data has {C}")
@@ -94,6 +127,22 @@ class ChannelStats:
             raise ValueError(f"ChannelStats.{op}: these statistics {have} a target column; every batch "
                              f"must {'pass' if self.has_target else 'omit'} target")
         self.num_channels, self.has_target = C, has_target
+
+    def _fold_on_device(self, n_b: Tensor, mean_b: Tensor, M_b: Tensor):
+        """The update of :meth:`_fold` with the counts as int64 tensors on the device (float64
+        weights; n = 0 leaves everything unchanged without a branch)."""
+        n_a = self._device_count
+        if n_a is None:
+            n_a = torch.full((), self._host_count, dtype=torch.int64, device=self.device)
+        n = n_a + n_b
+        nf = n.double().clamp_min(1.0)
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b.double() / nf)
+        self.comoment = self.comoment + M_b + torch.outer(delta, delta) * (n_a.double() * n_b.double() / nf)
+        self._device_count = n
+
+    def _fold(self, n_b: int, mean_b: Tensor, M_b: Tensor, C: int, has_target: bool, op: str):
+        self._check_shape(C, has_target, op)
         if n_b == 0:
             return
         if self.mean is None:
@@ -196,7 +245,7 @@ class ChannelStats:
 
     def __repr__(self):
         return (f"ChannelStats(count={self.count}, num_channels={self.num_channels}, "
-                f"has_target={self.has_target}, device={self.device})")
+                f"has_target={self.has_target}, device={self.device}, precision={self.precision!r})")
 
 
 def correlation_from_covariance(cov: Tensor) -> Tensor:

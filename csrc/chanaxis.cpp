@@ -13,9 +13,10 @@
 TORCH_LIBRARY(chanaxis_fast, m) {
   // x [N, C, H, W] | [N, H, W, C] (channel_dim=-1) | [N, C]; target [N]; positions [N, P] int64.
   // Returns (count int64 [], mean float64 [D], comoment float64 [D, D]), D = C + (target given).
+  // precision "float64" | "float32": the arithmetic of the co-moment product (ops.py).
   m.def(
       "channel_moments(Tensor x, Tensor? target, Tensor? positions, str mode, int channel_dim, "
-      "bool skip_nonfinite) -> (Tensor, Tensor, Tensor)");
+      "bool skip_nonfinite, str precision=\"float64\") -> (Tensor, Tensor, Tensor)");
   // corr: a list of L correlation matrices [C_l, C_l] (float32/float64, one device), processed in
   // one launch. Outputs are concatenated over the layers (sum C_l rows, member indices local to
   // each layer): (e_full float64 [sum C_l], hull_size int64 [sum C_l], hull_members int64

@@ -2,8 +2,12 @@
 #include "channel_moments.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "macros.h"
 
@@ -13,8 +17,8 @@ static constexpr const char* kOp = "channel_moments";
 
 MomentsPlan plan_channel_moments(const at::Tensor& x_in, const c10::optional<at::Tensor>& target,
                                  const c10::optional<at::Tensor>& positions,
-                                 c10::string_view mode, int64_t channel_dim,
-                                 bool skip_nonfinite) {
+                                 c10::string_view mode, int64_t channel_dim, bool skip_nonfinite,
+                                 c10::string_view precision, bool defer_range_check) {
   CHANAXIS_CHECK(x_in.dim() == 2 || x_in.dim() == 4, kOp,
                  "x must be 2-D [N, C] or 4-D [N, C, H, W] / [N, H, W, C], got ", x_in.dim(),
                  "-D with shape ", x_in.sizes());
@@ -25,8 +29,12 @@ MomentsPlan plan_channel_moments(const at::Tensor& x_in, const c10::optional<at:
                  "channel_dim ", channel_dim, " is out of range for ", x_in.dim(), "-D x");
   const int64_t cdim = channel_dim < 0 ? channel_dim + x_in.dim() : channel_dim;
 
+  CHANAXIS_CHECK(precision == "float64" || precision == "float32", kOp,
+                 "precision must be 'float64' or 'float32', got '", std::string(precision), "'");
+
   MomentsPlan plan;
   plan.skip_nonfinite = skip_nonfinite;
+  plan.float32 = precision == "float32";
   if (x_in.dim() == 2) {
     CHANAXIS_CHECK(cdim == 1, kOp, "channel_dim of a 2-D x [N, C] must be 1 or -1, got ",
                    channel_dim);
@@ -56,13 +64,14 @@ MomentsPlan plan_channel_moments(const at::Tensor& x_in, const c10::optional<at:
     CHANAXIS_CHECK(pos.dim() == 2 && pos.size(0) == plan.N, kOp,
                    "positions must be [N, P] = [", plan.N, ", P], got shape ", pos.sizes());
     CHANAXIS_CHECK(pos.size(1) > 0, kOp, "positions has no columns (P = 0)");
-    const int64_t L = plan.x.size(2) * plan.x.size(3);
-    const auto range = at::aminmax(pos);
-    const int64_t lo = std::get<0>(range).item<int64_t>();
-    const int64_t hi = std::get<1>(range).item<int64_t>();
-    CHANAXIS_CHECK(lo >= 0 && hi < L, kOp, "positions must index the H*W = ", L,
-                   " positions of an image, got values in [", lo, ", ", hi, "]");
     plan.positions = pos.contiguous();
+    plan.deferred_range_check = defer_range_check;
+    if (!defer_range_check) {
+      const auto range = at::aminmax(pos);
+      const int64_t L = plan.x.size(2) * plan.x.size(3);
+      if (std::get<0>(range).item<int64_t>() < 0 || std::get<1>(range).item<int64_t>() >= L)
+        fail_positions_range(plan);
+    }
   }
 
   if (target.has_value() && target->defined()) {
@@ -76,6 +85,14 @@ MomentsPlan plan_channel_moments(const at::Tensor& x_in, const c10::optional<at:
   }
   plan.D = plan.C + (plan.target.defined() ? 1 : 0);
   return plan;
+}
+
+void fail_positions_range(const MomentsPlan& plan) {
+  const auto range = at::aminmax(plan.positions);
+  CHANAXIS_CHECK(false, kOp, "positions must index the H*W = ", plan.x.size(2) * plan.x.size(3),
+                 " positions of an image, got values in [", std::get<0>(range).item<int64_t>(), ", ",
+                 std::get<1>(range).item<int64_t>(), "]");
+  std::abort();  // not reached: CHANAXIS_CHECK(false, ...) throws
 }
 
 RowLayout make_row_layout(const at::Tensor& x, const at::Tensor& positions) {
@@ -102,29 +119,85 @@ int64_t rows_per_chunk(int64_t D) {
   return std::max<int64_t>(1024, kScratchDoubles / D);
 }
 
-void accumulate_upper_panels(const at::Tensor& zt, const at::Tensor& comoment) {
-  // Row panel [i, i + B) times columns [i, D): the upper triangle plus the diagonal blocks'
-  // lower halves, about (P + 1) / (2P) of the full product for P panels. Small layers go in one
-  // product, where the panel overheads outweigh the saving.
-  const int64_t D = zt.size(0);
+namespace {
+// Row panels [i, i + B) x columns [i, D) of the upper triangle; one panel for small layers, where
+// the panel overheads outweigh the saving. At most max_panels (float32 products: 4, whose wider
+// panels MKL runs faster than 8 thin ones; float64: 8 from D = 384, as tuned in issue 2).
+template <class F>
+void for_each_upper_panel(int64_t D, int64_t max_panels, const F& f) {
   if (D <= 96) {
-    comoment.addmm_(zt, zt.t());
+    f(0, D);
     return;
   }
-  const int64_t panels = D >= 384 ? 8 : 4;
+  const int64_t panels = std::min<int64_t>(max_panels, D >= 384 ? 8 : 4);
   const int64_t B = (D + panels - 1) / panels;
-  for (int64_t i = 0; i < D; i += B) {
-    const int64_t b = std::min(B, D - i);
+  for (int64_t i = 0; i < D; i += B) f(i, std::min(B, D - i));
+}
+}  // namespace
+
+void accumulate_upper_panels(const at::Tensor& zt, const at::Tensor& comoment, double beta) {
+  // Row panel [i, i + B) times columns [i, D): the upper triangle plus the diagonal blocks'
+  // lower halves, about (P + 1) / (2P) of the full product for P panels.
+  const int64_t D = zt.size(0);
+  const int64_t max_panels = zt.scalar_type() == at::kFloat ? 4 : 8;
+  for_each_upper_panel(D, max_panels, [&](int64_t i, int64_t b) {
+    if (b == D) {
+      comoment.addmm_(zt, zt.t(), beta);
+      return;
+    }
     at::Tensor out = comoment.narrow(0, i, b).narrow(1, i, D - i);
-    out.addmm_(zt.narrow(0, i, b), zt.narrow(0, i, D - i).t());
-  }
+    out.addmm_(zt.narrow(0, i, b), zt.narrow(0, i, D - i).t(), beta);
+  });
 }
 
-bool check_nonfinite(const std::vector<ChannelSum>& sums, int64_t C, bool skip_nonfinite) {
+void add_upper_panels(const at::Tensor& part, const at::Tensor& acc) {
+  const int64_t D = part.size(0);
+  const int64_t max_panels = part.scalar_type() == at::kFloat ? 4 : 8;
+  for_each_upper_panel(D, max_panels, [&](int64_t i, int64_t b) {
+    acc.narrow(0, i, b).narrow(1, i, D - i).add_(part.narrow(0, i, b).narrow(1, i, D - i));
+  });
+}
+
+at::Tensor symmetric_from_upper(const at::Tensor& upper) {
+  // Every entry is v + 0.0 (v from the upper triangle), the bits of triu() + triu(1)^T.
+  if (!upper.is_cpu()) {
+    const at::Tensor u = upper.to(at::kDouble);
+    return u.triu().add_(u.triu(1).t());
+  }
+  constexpr int64_t kTile = 64;
+  const int64_t D = upper.size(0);
+  const at::Tensor u = upper.contiguous();
+  at::Tensor out = at::empty({D, D}, u.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "channel_moments", [&] {
+    const scalar_t* p = u.const_data_ptr<scalar_t>();
+    at::parallel_for(0, (D + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i0 = t * kTile, i1 = std::min(D, i0 + kTile);
+        for (int64_t j0 = i0; j0 < D; j0 += kTile) {
+          const int64_t j1 = std::min(D, j0 + kTile);
+          for (int64_t i = i0; i < i1; ++i) {
+            for (int64_t j = std::max(i, j0); j < j1; ++j) {
+              const double v = static_cast<double>(p[i * D + j]) + 0.0;
+              o[i * D + j] = v;
+              o[j * D + i] = v;
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+int64_t first_nonfinite(const std::vector<ChannelSum>& sums) {
   const auto bad = std::find_if(sums.begin(), sums.end(),
                                 [](const ChannelSum& s) { return !s.finite(); });
-  if (bad == sums.end()) return false;
-  const int64_t first = bad - sums.begin();
+  return bad == sums.end() ? -1 : static_cast<int64_t>(bad - sums.begin());
+}
+
+bool check_nonfinite(int64_t first, int64_t C, bool skip_nonfinite) {
+  if (first < 0) return false;
   CHANAXIS_CHECK(skip_nonfinite, kOp,
                  first < C ? "x has NaN/Inf values (first in channel " + std::to_string(first) +
                                  ", or values whose float64 sum overflows)"
@@ -133,12 +206,35 @@ bool check_nonfinite(const std::vector<ChannelSum>& sums, int64_t C, bool skip_n
   return true;
 }
 
-at::Tensor means_from_sums(const std::vector<ChannelSum>& sums, int64_t count,
-                           c10::Device device) {
+at::Tensor means_from_sums(const std::vector<ChannelSum>& sums, int64_t count) {
   at::Tensor mean = at::empty({static_cast<int64_t>(sums.size())}, at::kDouble);
   double* m = mean.data_ptr<double>();
   for (size_t c = 0; c < sums.size(); ++c) m[c] = sums[c].mean(count);
-  return mean.to(device);
+  return mean;
+}
+
+namespace {
+const char* precision_name(at::Float32MatmulPrecision p) {
+  switch (p) {
+    case at::Float32MatmulPrecision::HIGHEST: return "highest";
+    case at::Float32MatmulPrecision::HIGH: return "high";
+    case at::Float32MatmulPrecision::MEDIUM: return "medium";
+  }
+  return "highest";
+}
+}  // namespace
+
+Float32MatmulGuard::Float32MatmulGuard() {
+  auto& ctx = at::globalContext();
+  const at::Float32MatmulPrecision now = ctx.float32MatmulPrecision();
+  if (now != at::Float32MatmulPrecision::HIGHEST) {
+    restore_ = precision_name(now);
+    ctx.setFloat32MatmulPrecision("highest");
+  }
+}
+
+Float32MatmulGuard::~Float32MatmulGuard() {
+  if (!restore_.empty()) at::globalContext().setFloat32MatmulPrecision(restore_);
 }
 
 }  // namespace chanaxis

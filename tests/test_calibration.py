@@ -186,6 +186,7 @@ def test_layer_selection():
     (dict(layers=["d"], readout="post_act"), "layer 'd' has no activation module"),
     (dict(readout="post_relu"), "readout must be one of"),
     (dict(mode="random"), "mode must be one of"),
+    (dict(precision="float16"), "precision must be 'float64' or 'float32'"),
     (dict(extras=["sfvr", "fisher"]), "unknown extra 'fisher'"),
     (dict(target=lambda z, y: z[:, 0:2]), r"target must be a Tensor\[4\]"),
 ])
@@ -342,6 +343,22 @@ def test_resume_refuses_a_loader_with_other_batches(tmp_path):
         with torch.no_grad():
             net.a.weight.mul_(2)
         calibrate(net, DataLoader(ds, batch_size=4), checkpoint=ckpt, extras=None, progress=False)
+
+
+def test_float32_precision_is_close_to_float64_and_part_of_the_configuration(tmp_path):
+    net, ds = SmallNet(), dataset(40)
+    ckpt = tmp_path / "ckpt.pt"
+    c64 = run(net, ds, 8, extras=None)
+    c32 = run(net, ds, 8, extras=None, precision="float32", checkpoint=ckpt)
+    assert c32.config["precision"] == "float32" and c64.config["precision"] == "float64"
+    for l in c64.layers:
+        assert c32.stats[l].count == c64.stats[l].count
+        torch.testing.assert_close(c32.stats[l].mean, c64.stats[l].mean, rtol=0, atol=0)  # float64 sums
+        a, b = c32.stats[l].comoment, c64.stats[l].comoment
+        rel = float((a - b).norm() / b.norm())
+        assert 0 < rel < 1e-6, rel  # float32 products: close, not the same bits
+    with pytest.raises(ValueError, match="precision: 'float32' there, 'float64' now"):
+        run(net, ds, 8, extras=None, checkpoint=ckpt)
 
 
 def test_truncated_checkpoint_is_an_error(tmp_path):

@@ -259,3 +259,168 @@ def test_cuda_matches_cpu(dtype, mode):
         ops.channel_moments(x.cuda(), mode=mode if mode != "positions" else "all")
     assert_close(ops.channel_moments(x.cuda(), t.cuda(), skip_nonfinite=True).comoment,
                  ops.channel_moments(x, t, skip_nonfinite=True).comoment, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- empty rows
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 4, 0, 5), (2, 6, 7, 0)])
+def test_images_without_positions_give_count_zero(device, shape):
+    # H * W = 0: no rows. No launch may divide by the row count (CUDA used to die of SIGFPE).
+    x = torch.randn(shape, device=device)
+    for args in ((x,), (x, torch.randn(shape[0], device=device))):
+        m = ops.channel_moments(*args)
+        r = reference.channel_moments(*args)
+        D = shape[1] + (len(args) - 1)
+        assert int(m.count) == int(r.count) == 0
+        assert m.mean.shape == (D,) and m.comoment.shape == (D, D)
+        assert m.mean.device.type == device
+        assert_close(m.mean, np.zeros(D))
+        assert_close(m.comoment, np.zeros((D, D)))
+    with pytest.raises(RuntimeError, match=r"positions must index the H\*W = 0 positions"):
+        ops.channel_moments(x, positions=torch.zeros(shape[0], 2, dtype=torch.long, device=device))
+    m = ops.channel_moments(x.permute(0, 2, 3, 1), channel_dim=-1)
+    assert int(m.count) == 0
+
+
+# ----------------------------------------------------------------------------- precision="float32"
+def offset_data(N=64, C=300, H=6, W=7, mean=1e4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, C, H, W, generator=g) + mean).float(), torch.randn(N, generator=g)
+
+
+def rel_err(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64).cpu(), torch.as_tensor(b, dtype=torch.float64).cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["all", "positions", "gap"])
+def test_float32_precision_is_within_1e6_of_float64_on_offset_data(device, mode):
+    x, t = offset_data()
+    pos = torch.randint(0, 42, (64, 9), generator=torch.Generator().manual_seed(1)) if mode == "positions" else None
+    x, t = x.to(device), t.to(device)
+    pos = None if pos is None else pos.to(device)
+    m64 = ops.channel_moments(x, t, pos, mode=mode)
+    for xv in (x, x.to(memory_format=torch.channels_last)):
+        m32 = ops.channel_moments(xv, t, pos, mode=mode, precision="float32")
+        assert m32.comoment.dtype == torch.float64 and m32.comoment.device.type == device
+        # count and means come from the float64 pass: the same bits
+        assert torch.equal(m32.count, m64.count) and torch.equal(m32.mean, m64.mean)
+        assert rel_err(m32.comoment, m64.comoment) < 1e-6
+        assert torch.equal(m32.comoment, m32.comoment.T)
+    # against numpy in float64, and the float32 reference
+    rows = numpy_rows(x, t, pos, mode)
+    np_com = np.cov(rows, rowvar=False) * (rows.shape[0] - 1)
+    assert rel_err(m32.comoment, np_com) < 1e-6
+    r32 = reference.channel_moments(x, t, pos, mode=mode, precision="float32")
+    assert rel_err(m32.comoment, r32.comoment) < 1e-6
+
+
+def test_float32_precision_beats_float32_cov_and_one_pass_formula():
+    # what the float32 mode is for: float32 arithmetic where it is cheap, float64 where it matters
+    x, _ = offset_data(N=32, C=64, H=16, W=16)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 64)
+    m64 = ops.channel_moments(x)
+    ours = rel_err(ops.channel_moments(x, precision="float32").comoment, m64.comoment)
+    cov32 = rel_err(torch.cov(rows.T) * (rows.shape[0] - 1), m64.comoment)
+    mu = rows.mean(0)
+    one_pass = rel_err(rows.T @ rows - rows.shape[0] * torch.outer(mu, mu), m64.comoment)
+    assert ours < 1e-6 < cov32 < one_pass
+
+
+def test_float32_precision_several_chunks_and_skip_nonfinite():
+    # 2-D input of 2,000 channels: ~2,000 rows per chunk, so several chunks are folded
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, 2000, generator=g) * 3 + 100
+    x[17, 5] = float("nan")
+    m64 = ops.channel_moments(x, skip_nonfinite=True)
+    m32 = ops.channel_moments(x, skip_nonfinite=True, precision="float32")
+    assert int(m32.count) == 4999
+    assert torch.equal(m32.mean, m64.mean)
+    assert rel_err(m32.comoment, m64.comoment) < 1e-6
+    with pytest.raises(RuntimeError, match="NaN/Inf"):
+        ops.channel_moments(x, precision="float32")
+
+
+def test_float32_precision_ignores_reduced_matmul_precision():
+    # TF32 / bfloat16 products would cost three or more digits: the op sets full float32 precision
+    # for its own products and restores the user's setting
+    x, _ = offset_data(N=8, C=128)
+    want = ops.channel_moments(x, precision="float32").comoment
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = ops.channel_moments(x, precision="float32").comoment
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(got, want)
+
+
+def test_precision_is_checked():
+    with pytest.raises(RuntimeError, match="precision must be 'float64' or 'float32', got 'half'"):
+        ops.channel_moments(torch.randn(4, 3), precision="half")
+    with pytest.raises(ValueError, match="precision must be"):
+        reference.channel_moments(torch.randn(4, 3), precision="half")
+
+
+def test_opcheck_float32_precision():
+    x = torch.randn(3, 5, 4, 4)
+    torch.library.opcheck(torch.ops.chanaxis_fast.channel_moments.default,
+                          (x, torch.randn(3), None, "all", 1, False, "float32"))
+
+
+# ----------------------------------------------------------------------------- CUDA layouts
+CUDA = pytest.mark.skipif(
+    not (torch.cuda.is_available() and chanaxis_fast.build_info()["cuda_kernels"]),
+    reason="needs a GPU and the CUDA kernels")
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_cuda_channel_stride_one_layouts_match_cpu(precision):
+    # threads along channels (channel stride 1): [N, C], channels-last, gap, gathered positions,
+    # with C not a multiple of 32 and a target column
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(12, 77, 5, 6, generator=g) * 2 + 3
+    t = torch.randn(12, generator=g)
+    pos = torch.randint(0, 30, (12, 7), generator=g)
+    cases = [(x.permute(0, 2, 3, 1).reshape(-1, 77), None, None, "all", 1),
+             (x, t, None, "gap", 1),
+             (x, t, pos, "positions", 1),
+             (x.permute(0, 2, 3, 1).contiguous(), t, pos, "positions", -1),
+             (x.permute(0, 2, 3, 1).contiguous(), t, None, "all", -1),
+             (x.to(memory_format=torch.channels_last), t, None, "all", 1)]
+    for xv, tv, pv, mode, cd in cases:
+        cpu = ops.channel_moments(xv, tv, pv, mode=mode, channel_dim=cd, precision=precision)
+        gpu = ops.channel_moments(xv.cuda(), None if tv is None else tv.cuda(),
+                                  None if pv is None else pv.cuda(), mode=mode, channel_dim=cd,
+                                  precision=precision)
+        assert_close(gpu.count, cpu.count, rtol=0, atol=0)
+        assert_close(gpu.mean, cpu.mean)
+        assert_close(gpu.comoment, cpu.comoment, rtol=1e-9 if precision == "float64" else 1e-6,
+                     atol=1e-9 if precision == "float64" else 1e-5)
+
+
+@CUDA
+def test_cuda_empty_rows_and_out_of_range_positions():
+    x = torch.randn(3, 4, 0, 5, device="cuda")
+    assert int(ops.channel_moments(x).count) == 0  # no SIGFPE
+    y = torch.randn(2, 3, 4, 4, device="cuda")
+    for bad in (16, -1):
+        pos = torch.tensor([[0, 1], [2, bad]], device="cuda")
+        with pytest.raises(RuntimeError, match=r"positions must index the H\*W = 16 positions"):
+            ops.channel_moments(y, positions=pos)
+    torch.cuda.synchronize()  # the bad index was never read: the context is still usable
+    assert int(ops.channel_moments(y).count) == 32
+    # (more than 65,535 columns, which the kernels now loop over in grid.y, would need a
+    # comoment of 34 GB: checked by reading only)
+
+
+@CUDA
+def test_cuda_mixed_devices_give_the_ops_own_error():
+    x = torch.randn(3, 4, 2, 2)
+    with pytest.raises(RuntimeError, match="target is on cuda:0 but x is on cpu"):
+        ops.channel_moments(x, torch.randn(3, device="cuda"))
+    with pytest.raises(RuntimeError, match="positions is on cuda:0 but x is on cpu"):
+        ops.channel_moments(x, positions=torch.zeros(3, 1, dtype=torch.long, device="cuda"))

@@ -192,3 +192,52 @@ def test_build_info():
         assert info["cuda_arch_list"]
     if os.environ.get("CHANAXIS_REQUIRE_CUDA_KERNELS") == "1":  # set by .ci/run
         assert info["cuda_kernels"], "the CUDA kernels were not compiled"
+
+
+# ----------------------------------------------------------------------------- precision, device count
+def test_float32_precision_statistics():
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(40, 48, 6, 6, generator=g) + 1e4).float()
+    t = torch.randn(40, generator=g)
+    s64, s32 = ChannelStats(), ChannelStats(precision="float32")
+    for k in range(0, 40, 8):
+        s64.update(x[k:k + 8], t[k:k + 8])
+        s32.update(x[k:k + 8], t[k:k + 8])
+    rows = _rows(x.double(), t.double())
+    assert s32.count == s64.count == rows.shape[0]
+    assert torch.equal(s32.mean, s64.mean)  # the means come from the float64 pass
+    rel = float((s32.covariance() - s64.covariance()).norm() / s64.covariance().norm())
+    assert rel < 1e-6
+    cov = torch.as_tensor(np.cov(rows, rowvar=False))
+    assert float((s32.covariance() - cov).norm() / cov.norm()) < 1e-6
+    assert "precision='float32'" in repr(s32)
+    with pytest.raises(ValueError, match="precision must be 'float64' or 'float32', got 'fp16'"):
+        ChannelStats(precision="fp16")
+
+
+def test_count_is_a_plain_int_that_can_be_assigned():
+    x, t = _data()
+    s = ChannelStats().update(x, t)
+    assert type(s.count) is int and s.count == 24 * 5 * 4
+    s.count = 7
+    assert s.count == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_updates_keep_the_count_on_the_device():
+    x, t = _data(N=30)
+    cpu, gpu = ChannelStats(), ChannelStats()
+    for k in range(0, 30, 7):
+        cpu.update(x[k:k + 7], t[k:k + 7])
+        gpu.update(x[k:k + 7].cuda(), t[k:k + 7].cuda())
+        assert gpu._device_count is not None and gpu._device_count.device.type == "cuda"
+    assert gpu.count == cpu.count  # read once, at the end
+    assert_close(gpu.mean, cpu.mean, rtol=1e-12)
+    assert_close(gpu.comoment, cpu.comoment, rtol=1e-10)
+    # mixing: a CPU-held accumulator fed CUDA batches, and an empty batch on the device
+    mixed = ChannelStats(device="cpu").update(x.cuda(), t.cuda())
+    assert_same_stats(mixed, ChannelStats().update(x, t))
+    empty = ChannelStats().update(torch.randn(2, 6, 0, 3, device="cuda"), torch.randn(2, device="cuda"))
+    assert empty.count == 0
+    empty.update(x.cuda(), t.cuda())
+    assert_same_stats(empty, ChannelStats().update(x, t))

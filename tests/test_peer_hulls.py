@@ -471,3 +471,32 @@ def test_cuda_explained_variance_matches_cpu():
     assert_close(e_gpu, e_cpu, rtol=0, atol=1e-14)
     with pytest.raises(RuntimeError, match="repeats peer"):
         ops.explained_variance(P.cuda(), targets[:1].cuda(), torch.tensor([[1, 1]]).cuda())
+
+
+def test_explained_variance_scratch_is_sized_by_rows():
+    # one row of K = 400 peers: one K x K factor, as many slots as rows (CPU and CUDA)
+    C = 450
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3 * C, C, generator=g, dtype=torch.float64)
+    P = torch.corrcoef(A.T)
+    peers = torch.arange(1, 401)[None]
+    e = ops.explained_variance(P, torch.tensor([0]), peers)
+    r = reference.explained_variance(P, torch.tensor([0]), peers)
+    assert_close(e, r, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_explained_variance_of_one_wide_row_takes_one_slot():
+    # K = 1024 used to reserve 128 slots of K^2 + K doubles (1.1 GB; 17 GB at K = 4096); one row
+    # needs one (8.4 MB)
+    C = 1100
+    g = torch.Generator().manual_seed(1)
+    P = torch.corrcoef(torch.randn(2 * C, C, generator=g, dtype=torch.float64).T)
+    peers = torch.arange(1, 1025)[None]
+    cpu = ops.explained_variance(P, torch.tensor([0]), peers)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    gpu = ops.explained_variance(P.cuda(), torch.tensor([0], device="cuda"), peers.cuda())
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak < 4 * C * C * 8 + 20e6  # P, its symmetrised copies, one slot
+    assert_close(gpu, cpu, rtol=1e-9, atol=1e-12)

@@ -472,3 +472,131 @@ def test_cuda_matches_cpu():
         ops.pair_target_excess(Sc, torch.tensor([[0, 1]]))
     with pytest.raises(RuntimeError, match="triplets is on cuda:0 but cov_t is on cpu"):
         ops.triplet_target_excess(S, torch.tensor([[0, 1, 2]], device="cuda"))
+
+
+# ----------------------------------------------------------------------------- no FMA contraction
+# The determinants of near-collinear covariances cancel heavily, so the promise that CPU and CUDA
+# run the same float64 operations (common/fp.h, -ffp-contract=off, --fmad=false) is checked by
+# transcribing the kernels' operation order into Python (IEEE float64, never fused) and asking for
+# the same bits; a compiler that fused a * b - c * d into an FMA would fail it.
+_CLIP2 = 0.999 * 0.999
+
+
+def _py_det2(a00, a01, a11):
+    return a00 * a11 - a01 * a01
+
+
+def _py_det3(a00, a01, a02, a11, a12, a22):
+    return (a00 * (a11 * a22 - a12 * a12) - a01 * (a01 * a22 - a12 * a02)) + a02 * (a01 * a12 - a11 * a02)
+
+
+def _py_det4(a00, a01, a02, a03, a11, a12, a13, a22, a23, a33):
+    s0, s1, s2 = a00 * a11 - a01 * a01, a00 * a12 - a01 * a02, a00 * a13 - a01 * a03
+    s3, s4, s5 = a01 * a12 - a11 * a02, a01 * a13 - a11 * a03, a02 * a13 - a12 * a03
+    c5, c4, c3 = a22 * a33 - a23 * a23, a12 * a33 - a13 * a23, a12 * a23 - a13 * a22
+    c2, c1, c0 = a02 * a33 - a03 * a23, a02 * a23 - a03 * a22, a02 * a13 - a03 * a12
+    return ((((s0 * c5 - s1 * c4) + s2 * c3) + s3 * c2) - s4 * c1) + s5 * c0
+
+
+def _py_cond_var(var_t, det_a, det_ta, jitter):
+    if not det_a > 0.0:
+        return var_t
+    v = det_ta / det_a
+    if not v >= jitter:
+        v = jitter
+    return v if v < var_t else var_t
+
+
+def _py_excess(S, idx, jitter):
+    """S2 (two indices) or S3 (three) in the kernels' operation order; S a float64 numpy array."""
+    n = S.shape[0]
+    idx = sorted(idx)
+    var_t = S[n - 1, n - 1] + jitter
+    a = [S[i, i] + jitter for i in idx]
+    t = [S[i, n - 1] for i in idx]
+
+    def cv2(p, q):
+        i, j = idx[p], idx[q]
+        return _py_cond_var(var_t, _py_det2(a[p], S[i, j], a[q]),
+                            _py_det3(a[p], S[i, j], t[p], a[q], t[q], var_t), jitter)
+
+    if len(idx) == 2:
+        inv = [1.0 / S[i, i] if S[i, i] > 0 else 0.0 for i in idx]
+        inv_t = 1.0 / S[n - 1, n - 1]
+        r = [min((t[p] * inv[p]) * (t[p] * inv_t), _CLIP2) for p in range(2)]
+        ratio = var_t * (1.0 - max(r)) / cv2(0, 1)
+        return 0.5 * math.log(max(ratio, 1.0))
+    i, j, k = idx
+    best = min(cv2(0, 1), cv2(0, 2), cv2(1, 2))
+    v = _py_cond_var(var_t, _py_det3(a[0], S[i, j], S[i, k], a[1], S[j, k], a[2]),
+                     _py_det4(a[0], S[i, j], S[i, k], t[0], a[1], S[j, k], t[1], a[2], t[2], var_t),
+                     jitter)
+    return 0.5 * math.log(best / v)
+
+
+def near_collinear_cov_t(seed=3):
+    """Channels that are copies of each other up to 1e-6..1e-4 noise, and a target close to one:
+    the 3x3 and 4x4 jittered determinants cancel to a few digits."""
+    g = np.random.default_rng(seed)
+    y = g.standard_normal((500, 2))
+    X = np.column_stack([y[:, 0], y[:, 0] + 1e-6 * g.standard_normal(500),
+                         y[:, 0] - 1e-5 * g.standard_normal(500), y[:, 1],
+                         y[:, 1] + 1e-4 * g.standard_normal(500)])
+    T = X[:, 0] + 1e-5 * g.standard_normal(500)
+    return np.cov(np.column_stack([X, T]), rowvar=False)
+
+
+def test_near_collinear_determinants_are_not_fused():
+    S = near_collinear_cov_t()
+    St = t64(S)
+    pairs, trip = all_pairs(5), all_triplets(5)
+    s2 = ops.pair_target_excess(St, pairs, jitter=1e-10)
+    s3 = ops.triplet_target_excess(St, trip, jitter=1e-10)
+    assert s2.tolist() == [_py_excess(S, p, 1e-10) for p in pairs.tolist()]
+    assert s3.tolist() == [_py_excess(S, p, 1e-10) for p in trip.tolist()]
+    # and the cancellation is real: a 3x3 determinant of these matrices is off its exact value
+    # (fractions) by far more than its ulp, so rounding each product differently (an FMA) shows
+    from fractions import Fraction
+    a00, a01, a02, a11, a12, a22 = (S[0, 0] + 1e-10, S[0, 1], S[0, 5], S[1, 1] + 1e-10, S[1, 5],
+                                    S[5, 5] + 1e-10)
+    exact = (Fraction(a00) * (Fraction(a11) * Fraction(a22) - Fraction(a12) ** 2)
+             - Fraction(a01) * (Fraction(a01) * Fraction(a22) - Fraction(a12) * Fraction(a02))
+             + Fraction(a02) * (Fraction(a01) * Fraction(a12) - Fraction(a11) * Fraction(a02)))
+    computed = _py_det3(a00, a01, a02, a11, a12, a22)
+    assert abs(computed - float(exact)) > 1e3 * math.ulp(abs(float(exact)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_matches_cpu_on_near_collinear_covariances():
+    S = t64(near_collinear_cov_t())
+    pairs, trip = all_pairs(5), all_triplets(5)
+    for jitter in (1e-10, 1e-8):
+        cpu2 = ops.pair_target_excess(S, pairs, jitter=jitter)
+        cpu3 = ops.triplet_target_excess(S, trip, jitter=jitter)
+        gpu2 = ops.pair_target_excess(S.cuda(), pairs.cuda(), jitter=jitter).cpu()
+        gpu3 = ops.triplet_target_excess(S.cuda(), trip.cuda(), jitter=jitter).cpu()
+        # same operations on both devices: only the last bits of log may differ
+        assert_close(gpu2, cpu2, rtol=1e-13, atol=1e-15)
+        assert_close(gpu3, cpu3, rtol=1e-13, atol=1e-15)
+        assert torch.equal(torch.sign(gpu3), torch.sign(cpu3))
+        te_cpu, te_gpu = ops.target_excess(S, partners=4, top=2, jitter=jitter), \
+            ops.target_excess(S.cuda(), partners=4, top=2, jitter=jitter)
+        assert torch.equal(te_gpu.partners.cpu(), te_cpu.partners)
+        assert_close(te_gpu.te, te_cpu.te, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_per_channel_kernels_match_cpu_on_wide_layers():
+    # one warp per channel: partner selection by ballots, strands combined by shuffles
+    for C, partners, top in ((33, 50, 10), (700, 50, 10), (700, 3, 7), (2100, 64, 5)):
+        S = t64(random_cov_t(C, seed=C, n=3 * C))
+        # ties: a duplicated channel gives equal keys, which must go to the lower index
+        S[:, 7] = S[:, 3]
+        S[7, :] = S[3, :]
+        S[7, 7] = S[3, 3]
+        cpu = ops.target_excess(S, partners=partners, top=top)
+        gpu = ops.target_excess(S.cuda(), partners=partners, top=top)
+        assert torch.equal(gpu.partners.cpu(), cpu.partners)
+        assert_close(gpu.te, cpu.te, rtol=1e-13, atol=1e-15)
+        assert_close(ops.peer_overlap_mean(S[:C, :C].cuda()), ops.peer_overlap_mean(S[:C, :C]),
+                     rtol=1e-13, atol=1e-15)

@@ -30,6 +30,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "fp.h"
+
 namespace chanaxis {
 namespace gaussian {
 
@@ -72,32 +74,51 @@ C10_HOST_DEVICE inline double pair_mi(const CovView& S, int64_t i, int64_t j) {
 }
 
 // Closed-form determinants of symmetric 2x2, 3x3 and 4x4 matrices, given their upper triangles
-// a_rc (r <= c). Scalars rather than arrays keep every entry in a register.
-C10_HOST_DEVICE inline double det2(double a00, double a01, double a11) { return a00 * a11 - a01 * a01; }
+// a_rc (r <= c). Scalars rather than arrays keep every entry in a register. Every product and sum
+// is one correctly rounded operation of common/fp.h, never an FMA: near-collinear covariances
+// (jitter 1e-10) make these determinants cancel heavily, so a contracted evaluation on one
+// device and an uncontracted one on the other would differ far beyond an ulp.
+C10_HOST_DEVICE inline double det2(double a00, double a01, double a11) {
+  return fp::minor2(a00, a11, a01, a01);
+}
 
 C10_HOST_DEVICE inline double det3(double a00, double a01, double a02, double a11, double a12,
                                    double a22) {
-  return a00 * (a11 * a22 - a12 * a12) - a01 * (a01 * a22 - a12 * a02) +
-         a02 * (a01 * a12 - a11 * a02);
+  using fp::add_rn;
+  using fp::minor2;
+  using fp::mul_rn;
+  using fp::sub_rn;
+  return add_rn(sub_rn(mul_rn(a00, minor2(a11, a22, a12, a12)),
+                       mul_rn(a01, minor2(a01, a22, a12, a02))),
+                mul_rn(a02, minor2(a01, a12, a11, a02)));
 }
 
 // Laplace expansion along the first two rows: the 2x2 minors s of rows 0-1 times the
 // complementary minors c of rows 2-3.
 C10_HOST_DEVICE inline double det4(double a00, double a01, double a02, double a03, double a11,
                                    double a12, double a13, double a22, double a23, double a33) {
-  const double s0 = a00 * a11 - a01 * a01;
-  const double s1 = a00 * a12 - a01 * a02;
-  const double s2 = a00 * a13 - a01 * a03;
-  const double s3 = a01 * a12 - a11 * a02;
-  const double s4 = a01 * a13 - a11 * a03;
-  const double s5 = a02 * a13 - a12 * a03;
-  const double c5 = a22 * a33 - a23 * a23;
-  const double c4 = a12 * a33 - a13 * a23;
-  const double c3 = a12 * a23 - a13 * a22;
-  const double c2 = a02 * a33 - a03 * a23;
-  const double c1 = a02 * a23 - a03 * a22;
-  const double c0 = a02 * a13 - a03 * a12;
-  return s0 * c5 - s1 * c4 + s2 * c3 + s3 * c2 - s4 * c1 + s5 * c0;
+  using fp::add_rn;
+  using fp::minor2;
+  using fp::mul_rn;
+  using fp::sub_rn;
+  const double s0 = minor2(a00, a11, a01, a01);
+  const double s1 = minor2(a00, a12, a01, a02);
+  const double s2 = minor2(a00, a13, a01, a03);
+  const double s3 = minor2(a01, a12, a11, a02);
+  const double s4 = minor2(a01, a13, a11, a03);
+  const double s5 = minor2(a02, a13, a12, a03);
+  const double c5 = minor2(a22, a33, a23, a23);
+  const double c4 = minor2(a12, a33, a13, a23);
+  const double c3 = minor2(a12, a23, a13, a22);
+  const double c2 = minor2(a02, a33, a03, a23);
+  const double c1 = minor2(a02, a23, a03, a22);
+  const double c0 = minor2(a02, a13, a03, a12);
+  // ((((s0 c5 - s1 c4) + s2 c3) + s3 c2) - s4 c1) + s5 c0, left to right as written before.
+  double d = sub_rn(mul_rn(s0, c5), mul_rn(s1, c4));
+  d = add_rn(d, mul_rn(s2, c3));
+  d = add_rn(d, mul_rn(s3, c2));
+  d = sub_rn(d, mul_rn(s4, c1));
+  return add_rn(d, mul_rn(s5, c0));
 }
 
 // Var(T | Y_A) of the jittered matrix: det_ta / det_a clamped to [jitter, var_t], and var_t (no
@@ -105,7 +126,7 @@ C10_HOST_DEVICE inline double det4(double a00, double a01, double a02, double a0
 C10_HOST_DEVICE inline double conditional_variance(double var_t, double det_a, double det_ta,
                                                    double jitter) {
   if (!(det_a > 0.0)) return var_t;
-  double v = det_ta / det_a;
+  double v = fp::div_rn(det_ta, det_a);
   if (!(v >= jitter)) v = jitter;  // NaN included
   return v < var_t ? v : var_t;
 }
@@ -202,16 +223,19 @@ struct MiPairsRow {
 // out[i] = mean over j != i of R_X(i, j); 0 for a single channel (C = S.n). The sum of
 // -1/2 log(1 - rho^2) is taken as -1/2 log of products of kProductBlock factors: one log per block
 // instead of per pair, and each factor is >= 1 - 0.999^2, so a block's product stays above 1e-173
-// (no underflow).
+// (no underflow). The peers are split into kStrands interleaved strands (j = l, l + 32, ...), each
+// with its own log-sum, combined by a pairwise tree (strand l += strand l + d for d = 16, 8, 4, 2,
+// 1): the CPU runs the strands one after the other, the GPU one warp per channel with one strand
+// per lane and the tree as shuffles, so both add the same numbers in the same order.
 struct PeerOverlapMeanRow {
   static constexpr int kProductBlock = 64;
+  static constexpr int kStrands = 32;
   CovView S;
   double* out;
-  C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t C = S.n;
+  C10_HOST_DEVICE double strand(int64_t i, int lane) const {
     double log_sum = 0.0, product = 1.0;
     int in_block = 0;
-    for (int64_t j = 0; j < C; ++j) {
+    for (int64_t j = lane; j < S.n; j += kStrands) {
       if (j == i) continue;
       product *= 1.0 - rho2(S, i, j);
       if (++in_block == kProductBlock) {
@@ -220,8 +244,17 @@ struct PeerOverlapMeanRow {
         in_block = 0;
       }
     }
-    log_sum += ::log(product);
-    out[i] = C > 1 ? -0.5 * log_sum / static_cast<double>(C - 1) : 0.0;
+    return log_sum + ::log(product);
+  }
+  C10_HOST_DEVICE double finish(double log_sum) const {
+    return S.n > 1 ? -0.5 * log_sum / static_cast<double>(S.n - 1) : 0.0;
+  }
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    double part[kStrands];
+    for (int l = 0; l < kStrands; ++l) part[l] = strand(i, l);
+    for (int d = kStrands / 2; d > 0; d /= 2)
+      for (int l = 0; l < d; ++l) part[l] += part[l + d];
+    out[i] = finish(part[0]);
   }
 };
 

@@ -11,11 +11,10 @@
 //   u_k[j] = (A_{j s_k} - sum_{l<k} u_l[j] u_l[s_k]) / sqrt(v_{s_k}).
 // Adding a peer costs O(C k) per target and never solves a system.
 //
-// Determinism: every operation goes through the *_rn helpers below, which on the device are the
-// correctly rounded intrinsics (nvcc would otherwise contract a * b + c into an FMA) and on the
-// host plain IEEE operations (the x86-64 baseline the extension is compiled for has no FMA, so
-// gcc cannot contract them). Each value is computed by one thread in a fixed order, so the CPU and
-// CUDA kernels produce the same bits from the same inputs. The tie rule (kTieRelTol) is there for
+// Determinism: every operation goes through the *_rn helpers of common/fp.h, which on the device
+// are the correctly rounded intrinsics (nvcc would otherwise contract a * b + c into an FMA) and on
+// the host plain IEEE operations compiled with -ffp-contract=off. Each value is computed by one
+// thread in a fixed order, so the CPU and CUDA kernels produce the same bits from the same inputs. The tie rule (kTieRelTol) is there for
 // the float64 reference, which computes the same quantities in another order, and as a margin
 // should a host compiler contract after all.
 #pragma once
@@ -24,6 +23,8 @@
 
 #include <cmath>
 #include <cstdint>
+
+#include "fp.h"
 
 namespace chanaxis {
 namespace hull {
@@ -41,41 +42,11 @@ constexpr double kMinResidual = 1e-12;
 // lets eps = 0 finish when E reaches E_full up to rounding.
 constexpr double kReachTol = 1e-12;
 
-C10_HOST_DEVICE inline double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-C10_HOST_DEVICE inline double sub_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-C10_HOST_DEVICE inline double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-C10_HOST_DEVICE inline double div_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-C10_HOST_DEVICE inline double sqrt_rn(double a) {
-#ifdef __CUDA_ARCH__
-  return __dsqrt_rn(a);
-#else
-  return std::sqrt(a);
-#endif
-}
+using fp::add_rn;
+using fp::div_rn;
+using fp::mul_rn;
+using fp::sqrt_rn;
+using fp::sub_rn;
 
 C10_HOST_DEVICE inline double clip01(double x) { return x < 0.0 ? 0.0 : (x > 1.0 ? 1.0 : x); }
 
@@ -116,6 +87,22 @@ C10_HOST_DEVICE inline HullTarget locate_target(const double* P_all, const int64
 // Scratch of one target: u [max_steps, C], then c [C], v [C] and the gains g [C].
 C10_HOST_DEVICE inline int64_t scratch_doubles(int64_t max_steps, int64_t C) {
   return (max_steps + 3) * C;
+}
+
+// Scratch of one explained_variance row: L [K, K], lt [K] (float64) and kept [K] (int64).
+C10_HOST_DEVICE inline int64_t explained_variance_slot_bytes(int64_t K) {
+  return (K * K + 2 * K) * static_cast<int64_t>(sizeof(double));
+}
+
+// How many scratch slots of slot_bytes a launch over `rows` independent rows gets: one per row,
+// at most max_slots, within budget_bytes, and at least one (a single slot larger than the budget
+// is what one row needs, on the CPU as well).
+C10_HOST_DEVICE inline int64_t scratch_slots(int64_t rows, int64_t slot_bytes, int64_t budget_bytes,
+                                             int64_t max_slots) {
+  const int64_t fit = slot_bytes > 0 ? budget_bytes / slot_bytes : max_slots;
+  int64_t n = rows < max_slots ? rows : max_slots;
+  n = n < fit ? n : fit;
+  return n > 1 ? n : 1;
 }
 
 // Start of target i, entry j: nothing selected, c_j = A_ij, v_j = A_jj; v_i = 0 keeps i out.

@@ -118,20 +118,23 @@ void channel_sums(const scalar_t* x, const RowLayout& L, const uint8_t* keep,
   }
 }
 
-template <typename scalar_t>
+// z[c * ld + r - row0] = the centred value in float64, stored as out_t (float64, or float32 for
+// precision "float32": one rounding of the float64 difference).
+template <typename scalar_t, typename out_t>
 void centre_channels(const scalar_t* x, const RowLayout& L, const uint8_t* keep, const double* mu,
-                     int64_t row0, int64_t k, double* z, int64_t ld) {
+                     int64_t row0, int64_t k, out_t* z, int64_t ld) {
   const int64_t row1 = row0 + k;
   switch (choose_path(L, keep != nullptr)) {
     case Path::planes: {
       const int64_t P = L.rows_per_image;
       at::parallel_for(0, L.C, 1, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          double* zc = z + c * ld - row0;
+          out_t* zc = z + c * ld - row0;
           for (int64_t n = row0 / P; n * P < row1; ++n) {
             const scalar_t* src = x + n * L.sN + c * L.sC;
             const int64_t r0 = std::max(row0, n * P), r1 = std::min(row1, (n + 1) * P);
-            for (int64_t r = r0; r < r1; ++r) zc[r] = static_cast<double>(src[r - n * P]) - mu[c];
+            for (int64_t r = r0; r < r1; ++r)
+              zc[r] = static_cast<out_t>(static_cast<double>(src[r - n * P]) - mu[c]);
           }
         }
       });
@@ -144,8 +147,9 @@ void centre_channels(const scalar_t* x, const RowLayout& L, const uint8_t* keep,
           const int64_t r0 = row0 + t * kRowTile, r1 = std::min(row1, r0 + kRowTile);
           for (int64_t r = r0; r < r1; ++r) src[r - r0] = x + L.row_offset(r);
           for (int64_t c = 0; c < L.C; ++c) {
-            double* zc = z + c * ld - row0;
-            for (int64_t r = r0; r < r1; ++r) zc[r] = static_cast<double>(src[r - r0][c]) - mu[c];
+            out_t* zc = z + c * ld - row0;
+            for (int64_t r = r0; r < r1; ++r)
+              zc[r] = static_cast<out_t>(static_cast<double>(src[r - r0][c]) - mu[c]);
           }
         }
       });
@@ -154,9 +158,10 @@ void centre_channels(const scalar_t* x, const RowLayout& L, const uint8_t* keep,
       for_each_tile(L, row0, row1, [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1,
                                        const int64_t* off, const int64_t*) {
         for (int64_t c = c0; c < c1; ++c) {
-          double* zc = z + c * ld - row0;
+          out_t* zc = z + c * ld - row0;
           for (int64_t r = r0; r < r1; ++r)
-            zc[r] = centred(static_cast<double>(x[off[r - r0] + c * L.sC]), mu[c], !keep || keep[r]);
+            zc[r] = static_cast<out_t>(
+                centred(static_cast<double>(x[off[r - r0] + c * L.sC]), mu[c], !keep || keep[r]));
         }
       });
       return;
@@ -164,6 +169,12 @@ void centre_channels(const scalar_t* x, const RowLayout& L, const uint8_t* keep,
 }
 
 struct CpuBackend {
+  at::Tensor source(const MomentsPlan& plan, at::Tensor& positions) const {
+    if (plan.gap) return pool(plan);
+    positions = plan.positions;
+    return plan.x;
+  }
+
   static at::Tensor pool(const MomentsPlan& plan) {
     const at::Tensor& x = plan.x;
     const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -183,6 +194,15 @@ struct CpuBackend {
       });
     });
     return out;
+  }
+
+  static Pass1 pass1(const at::Tensor& x, const RowLayout& L, const at::Tensor& t,
+                     const at::Tensor& mask, int64_t count) {
+    const std::vector<ChannelSum> s = sums(x, L, t, mask);
+    Pass1 p;
+    p.first_bad = first_nonfinite(s);
+    p.mean = means_from_sums(s, count);
+    return p;
   }
 
   static std::vector<ChannelSum> sums(const at::Tensor& x, const RowLayout& L,
@@ -224,15 +244,24 @@ struct CpuBackend {
     const int64_t k = zt.size(1), ld = zt.stride(0);
     const uint8_t* keep = mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr;
     const double* mu = mean.const_data_ptr<double>();
-    double* z = zt.data_ptr<double>();
+    if (zt.scalar_type() == at::kFloat)
+      centre_into(x, L, t, keep, mu, row0, k, zt.data_ptr<float>(), ld);
+    else
+      centre_into(x, L, t, keep, mu, row0, k, zt.data_ptr<double>(), ld);
+  }
+
+  template <typename out_t>
+  static void centre_into(const at::Tensor& x, const RowLayout& L, const at::Tensor& t,
+                          const uint8_t* keep, const double* mu, int64_t row0, int64_t k, out_t* z,
+                          int64_t ld) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_moments_cpu", [&] {
       centre_channels(x.const_data_ptr<scalar_t>(), L, keep, mu, row0, k, z, ld);
     });
     if (t.defined()) {
       const double* tv = t.const_data_ptr<double>();
-      double* zt_row = z + L.C * ld - row0;
+      out_t* zt_row = z + L.C * ld - row0;
       for (int64_t r = row0; r < row0 + k; ++r)
-        zt_row[r] = centred(tv[L.image_of(r)], mu[L.C], !keep || keep[r]);
+        zt_row[r] = static_cast<out_t>(centred(tv[L.image_of(r)], mu[L.C], !keep || keep[r]));
     }
   }
 };
@@ -242,9 +271,9 @@ struct CpuBackend {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_moments_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& target,
     const c10::optional<at::Tensor>& positions, c10::string_view mode, int64_t channel_dim,
-    bool skip_nonfinite) {
+    bool skip_nonfinite, c10::string_view precision) {
   const MomentsPlan plan =
-      plan_channel_moments(x, target, positions, mode, channel_dim, skip_nonfinite);
+      plan_channel_moments(x, target, positions, mode, channel_dim, skip_nonfinite, precision);
   return run_channel_moments<CpuBackend>(plan);
 }
 

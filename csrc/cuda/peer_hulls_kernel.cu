@@ -99,10 +99,13 @@ HullsOutputs peer_hulls_cuda(at::TensorList corr, int64_t max_size, double eps, 
   const HullsPlan plan = plan_peer_hulls(corr, max_size, eps, ridge);
   c10::cuda::CUDAGuard guard(plan.P_all.device());
   HullsOutputs out = make_hulls_outputs(plan);
+  // A slot holds u [max_steps, C] plus c, v, g: (max_steps + 3) * max_C doubles, where
+  // max_steps = min(max_size, max_C - 1), so it grows with max_size only up to about max_C^2
+  // doubles (the CPU's per-task scratch is the same). The blocks (one slot each) are capped so
+  // that all slots fit in kScratchBytes; one slot is always granted, since one target needs it.
   const int64_t slot = hull::scratch_doubles(plan.max_steps, plan.max_C);
-  const int64_t slots_in_budget =
-      std::max<int64_t>(1, kScratchBytes / (slot * static_cast<int64_t>(sizeof(double))));
-  const int64_t blocks = std::min({plan.total, kMaxBlocks, slots_in_budget});
+  const int64_t blocks = hull::scratch_slots(plan.total, slot * static_cast<int64_t>(sizeof(double)),
+                                             kScratchBytes, kMaxBlocks);
   at::Tensor scratch = at::empty({blocks * slot}, plan.P_all.options());
   peer_hulls_kernel<<<static_cast<unsigned>(blocks), kThreads, 0,
                       c10::cuda::getCurrentCUDAStream()>>>(

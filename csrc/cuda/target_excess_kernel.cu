@@ -2,12 +2,19 @@
 // triplet_target_excess, target_excess.
 // PyTorch (pair_target_excess): M = cov_t[[i, j, T]][:, [i, j, T]] + jitter * I;
 //   S2 = max(0, 1/2 log(M_TT det M[:2, :2] / det M) - max(I(T;Y_i), I(T;Y_j)))
-// Algorithm: one thread per output row (grid-stride loop) calling the row functors of
-// common/gaussian.h, the code the CPU kernels run; this file is only launch scaffolding. Rows are
-// independent, so there is no shared memory and no synchronisation. peer_overlap_mean and
-// target_excess give a thread a whole channel (an O(C) loop, plus bounded insertion into its own
-// rows of the [C, partners] scratch): C threads, enough for a per-layer op, and results are the
-// CPU's summation order exactly.
+// Algorithm: the row functors of common/gaussian.h, the code the CPU kernels run; this file is
+// launch scaffolding. Cheap rows (pairs, triplets): one thread per row, grid-stride; rows are
+// independent, so there is no shared memory and no synchronisation. Per-channel rows
+// (peer_overlap_mean, target_excess: an O(C) loop over the peers): one warp per channel.
+//   peer_overlap_mean: lane l runs strand l of PeerOverlapMeanRow, the strands are combined by
+//     shuffles in the tree order the CPU uses: the CPU's additions in the CPU's order.
+//   target_excess: the partners are chosen 32 candidates at a time: the lanes compute their
+//     candidates' rho^2, a ballot keeps those that can enter the bounded list (all while it is not
+//     full; then those above its current last key), and lane 0 offers them in increasing index.
+//     A candidate left out would also have been rejected by the CPU's serial offer (the last key
+//     only grows once the list is full), so the partners are the CPU's. Then the lanes compute the
+//     partners' S2 (stored over the keys, which are no longer needed) and lane 0 selects and
+//     averages the top ones in the CPU's order.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -24,6 +31,8 @@ namespace chanaxis {
 namespace {
 
 constexpr int64_t kMaxBlocks = 65535;
+constexpr int kWarpThreads = 256;  // 8 channels per block for the per-channel kernels
+constexpr unsigned kFull = 0xffffffffu;
 
 template <class Row>
 __global__ void rows_kernel(int64_t n, Row row) {
@@ -32,9 +41,77 @@ __global__ void rows_kernel(int64_t n, Row row) {
     row(r);
 }
 
-// Cheap rows in blocks of 256; per-channel rows loop over all C channels, so small blocks spread a
-// layer's C threads over more SMs.
+// One warp per channel; `warp` and everything derived from it are uniform across the warp.
+__global__ void peer_overlap_mean_kernel(gaussian::PeerOverlapMeanRow row) {
+  const int64_t C = row.S.n;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < C;
+       i += warps) {
+    double s = row.strand(i, lane);
+    for (int d = 16; d > 0; d /= 2) s += __shfl_down_sync(kFull, s, d);
+    if (lane == 0) row.out[i] = row.finish(s);
+  }
+}
+
+__global__ void target_excess_kernel(gaussian::TargetExcessRow row) {
+  const gaussian::CovView& S = row.S;
+  const int64_t C = S.n - 1, K = row.K;
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; i < C;
+       i += warps) {
+    double* keys = row.partner_keys + i * K;
+    int64_t* ids = row.partners + i * K;
+    int64_t m = 0;  // list length, the same in every lane
+    for (int64_t j0 = 0; j0 < C; j0 += 32) {
+      const int64_t j = j0 + lane;
+      const bool candidate = j < C && j != i;
+      const double key = candidate ? gaussian::rho2(S, i, j) : 0.0;
+      // Everything may enter a list that is not full; a full one only keys above its last.
+      const bool enters = candidate && (m < K || key > keys[K - 1]);
+      unsigned ballot = __ballot_sync(kFull, enters);
+      while (ballot) {
+        const int l = __ffs(ballot) - 1;
+        ballot &= ballot - 1;
+        const double kl = __shfl_sync(kFull, key, l);
+        int64_t next = m;
+        if (lane == 0) next = gaussian::offer(keys, ids, m, K, kl, j0 + l);
+        m = __shfl_sync(kFull, next, 0);
+      }
+      __syncwarp();  // lane 0's list writes are seen by every lane's next threshold read
+    }
+    for (int64_t q = m + lane; q < K; q += 32) ids[q] = -1;
+    for (int64_t q = lane; q < m; q += 32) keys[q] = gaussian::pair_excess(S, i, ids[q], row.jitter);
+    __syncwarp();  // every S2 written before lane 0 reads them
+    if (lane == 0) {
+      double* b = row.best + i * row.top_cap;
+      int64_t nb = 0;
+      for (int64_t q = 0; q < m; ++q) nb = gaussian::offer(b, nullptr, nb, row.top_cap, keys[q], q);
+      double sum = 0.0;
+      for (int64_t q = 0; q < nb; ++q) sum += b[q];
+      row.te[i] = nb > 0 ? sum / static_cast<double>(nb) : 0.0;
+    }
+    __syncwarp();
+  }
+}
+
+// Cheap rows in blocks of 256, one thread each; per-channel rows one warp each.
 struct CudaLaunch {
+  template <class Kernel, class Row>
+  static void per_channel(Kernel kernel, int64_t n, const Row& row) {
+    if (n == 0) return;
+    const int64_t blocks = std::min<int64_t>((n * 32 + kWarpThreads - 1) / kWarpThreads, kMaxBlocks);
+    kernel<<<static_cast<unsigned>(blocks), kWarpThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(row);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void operator()(int64_t n, RowCost, const gaussian::PeerOverlapMeanRow& row) const {
+    per_channel(peer_overlap_mean_kernel, n, row);
+  }
+  void operator()(int64_t n, RowCost, const gaussian::TargetExcessRow& row) const {
+    per_channel(target_excess_kernel, n, row);
+  }
+
   template <class Row>
   void operator()(int64_t n, RowCost cost, const Row& row) const {
     if (n == 0) return;  // an empty grid is an invalid launch configuration
