@@ -263,22 +263,25 @@ def _e2e_cases(size: str, device: str) -> List[Case]:
             for x, _ in loader:
                 model(x.to(dev))
 
-    configs = [("sample", None), ("gap", None), ("all", None), ("sample", ["sfvr"]),
-               ("sample", ["taylor"]), ("sample", ["hrank"]), ("sample", ["chip"]), ("sample", "all")]
+    f64, f32 = "float64", "float32"
+    configs = [("sample", None, f64), ("sample", None, f32), ("gap", None, f64), ("all", None, f64),
+               ("all", None, f32), ("sample", ["sfvr"], f64), ("sample", ["taylor"], f64),
+               ("sample", ["hrank"], f64), ("sample", ["chip"], f64), ("sample", "all", f64)]
     if tiny:
-        configs = [("sample", None), ("gap", None), ("sample", "all")]
+        configs = [("sample", None, f64), ("gap", None, f64), ("sample", "all", f64)]
     out = []
-    for mode, extras in configs:
+    for mode, extras, precision in configs:
         label = "None" if extras is None else repr(extras) if extras != "all" else '"all"'
         ranks = extras is not None and any(e in ("hrank", "chip", "all") for e in
                                             ([extras] if isinstance(extras, str) else extras))
         out.append(Case(
             "calibrate", f"resnet18-cifar {images} img b{batch}: mode={mode}, extras={label}"
+            + (f", precision={precision}" if precision != f64 else "")
             + (f" ({rank_images} rank images)" if ranks else ""), device,
             "plain inference_mode forward",
-            ours=lambda mode=mode, extras=extras: calibrate(
+            ours=lambda mode=mode, extras=extras, precision=precision: calibrate(
                 model, loader, mode=mode, extras=extras, rank_images=rank_images, progress=False,
-                device=dev),
+                device=dev, precision=precision),
             ref=forward, repeat=1, ref_repeat=3 if size == "full" else 2, warmup=0, cost_note=True))
     return out
 
@@ -303,12 +306,15 @@ def _scale_cases(size: str, device: str) -> List[Case]:
                 for x, _ in loader:
                     model(x.to(dev))
 
-        out.append(Case("calibrate", f"{name} 224px {images} img b16: mode=sample, extras=None", device,
-                        "plain inference_mode forward",
-                        ours=lambda model=model, loader=loader: calibrate(
-                            model, loader, extras=None, progress=False, device=dev),
-                        ref=forward, repeat=1, ref_repeat=2, warmup=0, cost_note=True,
-                        extra={"images": images}))
+        for precision in ("float64", "float32"):
+            out.append(Case("calibrate", f"{name} 224px {images} img b16: mode=sample, extras=None"
+                            + (", precision=float32" if precision == "float32" else ""), device,
+                            "plain inference_mode forward",
+                            ours=lambda model=model, loader=loader, precision=precision: calibrate(
+                                model, loader, extras=None, progress=False, device=dev,
+                                precision=precision),
+                            ref=forward, repeat=1, ref_repeat=2, warmup=0, cost_note=True,
+                            extra={"images": images}))
     return out
 
 
