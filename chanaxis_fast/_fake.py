@@ -13,6 +13,12 @@ def _channel_moments_fake(x, target, positions, mode, channel_dim, skip_nonfinit
     return x.new_empty((), dtype=torch.int64), x.new_empty((D,), **f64), x.new_empty((D, D), **f64)
 
 
+@torch.library.register_fake(_lib + "channel_moments_fold_")
+def _channel_moments_fold_fake(x, target, positions, mode, channel_dim, skip_nonfinite, precision,
+                               count, mean, comoment):
+    return None
+
+
 @torch.library.register_fake(_lib + "peer_hulls")
 def _peer_hulls_fake(corr, max_size, eps, ridge):
     total = sum(c.shape[0] for c in corr)

@@ -30,7 +30,8 @@ from .extras.ranks import chip_drops  # noqa: F401  (re-exported: chanaxis_fast.
 from .extras.taylor import taylor_grads
 from .graph import ModelGraph, trace_model
 from .patch_stats import PatchStats
-from .runtime import SaveSchedule, check_writable, sigterm_as_interrupt
+from .runtime import SaveSchedule, check_writable, deferred_interrupts, sigterm_as_interrupt
+from . import ops
 from .stats import ChannelStats, StatsFileError, atomic_save, check_header, read_state
 
 _FORMAT = "chanaxis_fast.Calibration"
@@ -178,6 +179,7 @@ class Calibration:
         self.num_batches = 0
         self.stream_images = 0  # images the position stream has passed (distributed: all ranks')
         self.complete = False
+        self.torn = False  # a batch was folded in only in part (an internal error): never saved
         self.generator_state: Optional[Tensor] = None
 
     @property
@@ -578,6 +580,8 @@ def calibrate(
             return cal
     if cal is None:
         cal = _new_calibration(model, graph, names, config, extras, device)
+    for s in cal.stats.values():
+        s.precision = precision  # of the product of each batch folded in from here on
     gen = torch.Generator()
     gen.manual_seed(seed)
     if cal.generator_state is not None:
@@ -670,7 +674,8 @@ def calibrate(
             if os.path.exists(part):
                 os.remove(part)
     except BaseException:
-        if checkpoint is not None and schedule.unsaved(cal.num_batches) and not cal.complete:
+        if (checkpoint is not None and schedule.unsaved(cal.num_batches) and not cal.complete
+                and not cal.torn):
             cal.save(checkpoint)  # never lose the batches done since the last checkpoint
         raise
     finally:
@@ -681,6 +686,12 @@ def calibrate(
         for m, t in modes.items():
             m.training = t
     return cal
+
+
+def _finite(x: Tensor) -> bool:
+    """Whether every value of x is finite: one sum (an overflowing sum of finite values falls back
+    to the exact test)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _check_skipped(skip_images, batches, images):
@@ -764,27 +775,34 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
     if missing:
         raise RuntimeError(f"calibrate: no read-out was captured for {', '.join(missing)} "
                            f"(the forward pass took another path than the traced one)")
-    precision = cal.config.get("precision", "float64")
-    batch_stats = {l: ChannelStats(precision=precision).update(hooks.rows[l], t, mode="all",
-                                            skip_nonfinite=cal.config["skip_nonfinite"])
-                   for l in cal.layers}
+    skip = cal.config["skip_nonfinite"]
+    if not skip:  # a NaN/Inf raises here, before anything is folded
+        for l in cal.layers:
+            if not _finite(hooks.rows[l]) or not _finite(t):
+                ops.channel_moments(hooks.rows[l], t, mode="all")  # raises, naming what is wrong
     for c in cal.patches:
         if c not in hooks.patch or c not in hooks.out:
             raise RuntimeError(f"calibrate: consumer {c!r} was not called in this forward pass")
-    # everything computed: fold in (cannot fail half-way)
-    for l, s in batch_stats.items():
-        cal.stats[l].merge(s)
-    for c in cal.patches:
-        cal.patches[c].merge(hooks.patch[c])
-        cal.outputs[c].merge(hooks.out[c])
-    for l, g in grads.items():
-        cal.grads[l] += g
-    for l, (hr, ch, k) in hooks.ranks.items():
-        if hr is not None:
-            cal.rank_sums[l] += hr
-        if ch is not None:
-            cal.chip_sums[l] += ch
-        cal.rank_counts[l] += k
+    # everything checked: fold in, in place, with Ctrl-C / SIGTERM held back until the batch is
+    # whole; should a fold fail anyway, the calibration is marked torn and never saved
+    with deferred_interrupts():
+        try:
+            for l in cal.layers:
+                cal.stats[l].update(hooks.rows[l], t, mode="all", skip_nonfinite=skip)
+            for c in cal.patches:
+                cal.patches[c].merge(hooks.patch[c])
+                cal.outputs[c].merge(hooks.out[c])
+            for l, g in grads.items():
+                cal.grads[l] += g
+            for l, (hr, ch, k) in hooks.ranks.items():
+                if hr is not None:
+                    cal.rank_sums[l] += hr
+                if ch is not None:
+                    cal.chip_sums[l] += ch
+                cal.rank_counts[l] += k
+        except BaseException:
+            cal.torn = True
+            raise
     cal.num_images += N
     cal.num_batches += 1
     cal.stream_images = offset + N

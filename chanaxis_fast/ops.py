@@ -80,6 +80,38 @@ def channel_moments(
                                          precision))
 
 
+def channel_moments_fold_(
+    count: Tensor,
+    mean: Tensor,
+    comoment: Tensor,
+    x: Tensor,
+    target: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None,
+    *,
+    mode: Optional[str] = None,
+    channel_dim: int = 1,
+    skip_nonfinite: bool = False,
+    precision: str = "float64",
+) -> None:
+    """Fold one batch into running statistics, in place: what
+    :meth:`ChannelStats.update <chanaxis_fast.ChannelStats.update>` runs.
+
+    ``count`` (int64 []), ``mean`` (float64 [D]) and ``comoment`` (float64 [D, D], contiguous) on
+    x's device become the statistics of the old rows and the batch's, by the pairwise update of
+    Chan et al. (see :class:`~chanaxis_fast.ChannelStats`). The other arguments are those of
+    :func:`channel_moments`, which gives the same result to float64 rounding; here the batch's
+    centred product is accumulated straight into ``comoment``, so no D x D temporary is made per
+    batch. Only the upper triangle of ``comoment`` (diagonal included) is read and updated: the
+    lower triangle is left stale, and ``comoment.triu() + comoment.triu(1).T`` is the result
+    (ChannelStats mirrors it when read). Every check (arguments, NaN/Inf, positions) runs before
+    anything is changed; a batch whose rows are all skipped changes nothing.
+    """
+    if mode is None:
+        mode = "positions" if positions is not None else "all"
+    _ops.channel_moments_fold_(x, target, positions, mode, channel_dim, skip_nonfinite, precision,
+                               count, mean, comoment)
+
+
 class Hulls(NamedTuple):
     """Replaceability hulls of the C channels of one layer (METHOD.md §3, local axis).
 

@@ -31,11 +31,39 @@ def sigterm_as_interrupt():
     def handler(signum, frame):
         raise Terminated(f"received signal {signum} (SIGTERM)")
 
+    handler.chanaxis_interrupt = True  # deferred_interrupts may hold it back
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Within the block, Ctrl-C (SIGINT with Python's default handler) and SIGTERM under
+    :func:`sigterm_as_interrupt` are held back; the first one received is raised when the block
+    ends. For short steps that must not be torn half-way (folding a batch into a calibration).
+
+    Only from the main thread, and only over those two handlers (a user's own handler is left
+    alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        h = signal.getsignal(sig)
+        if h is signal.default_int_handler or getattr(h, "chanaxis_interrupt", False):
+            saved[sig] = h
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
+    if pending:
+        saved[pending[0]](pending[0], None)  # raises KeyboardInterrupt / Terminated
 
 
 def check_writable(path, who: str, arg: str = "checkpoint") -> None:

@@ -60,7 +60,8 @@ class ChannelStats:
         self.has_target = has_target
         self.device = None if device is None else torch.device(device)
         self.mean: Optional[Tensor] = None
-        self.comoment: Optional[Tensor] = None
+        self._comoment: Optional[Tensor] = None
+        self._stale_lower = False  # the folds keep only the upper triangle up to date
         if num_channels is not None and has_target is not None:
             self._allocate(num_channels + int(has_target), self.device or torch.device("cpu"))
 
@@ -85,6 +86,19 @@ class ChannelStats:
         return None if self.num_channels is None or self.has_target is None else (
             self.num_channels + int(self.has_target))
 
+    @property
+    def comoment(self) -> Optional[Tensor]:
+        """Centred co-moment matrix, float64 [D, D], symmetric (target last, when present)."""
+        if self._stale_lower:  # mirror the upper triangle once, when read
+            c = self._comoment
+            c.copy_(c.triu() + c.triu(1).T)
+            self._stale_lower = False
+        return self._comoment
+
+    @comoment.setter
+    def comoment(self, value: Optional[Tensor]) -> None:
+        self._comoment, self._stale_lower = value, False
+
     def _allocate(self, D, device):
         self.device = device
         self.mean = torch.zeros(D, dtype=torch.float64, device=device)
@@ -93,7 +107,21 @@ class ChannelStats:
     def update(self, x: Tensor, target: Optional[Tensor] = None, positions: Optional[Tensor] = None,
                *, mode: Optional[str] = None, channel_dim: int = 1,
                skip_nonfinite: bool = False) -> "ChannelStats":
-        """Fold in one batch; the arguments are those of :func:`chanaxis_fast.ops.channel_moments`."""
+        """Fold in one batch; the arguments are those of :func:`chanaxis_fast.ops.channel_moments`.
+
+        Once the statistics exist on x's device, the batch is folded in place by
+        :func:`chanaxis_fast.ops.channel_moments_fold_` (no D x D temporary); a batch that raises
+        (NaN/Inf, bad positions, another channel count) leaves the statistics unchanged."""
+        if self._foldable(x, channel_dim):
+            self._check_shape(x.shape[channel_dim], target is not None, "update")
+            count = self._device_count
+            if count is None:
+                count = torch.full((), self._host_count, dtype=torch.int64, device=self.device)
+            ops.channel_moments_fold_(count, self.mean, self._comoment, x, target, positions,
+                                      mode=mode, channel_dim=channel_dim,
+                                      skip_nonfinite=skip_nonfinite, precision=self.precision)
+            self._device_count, self._stale_lower = count, True
+            return self
         m = ops.channel_moments(x, target, positions, mode=mode, channel_dim=channel_dim,
                                 skip_nonfinite=skip_nonfinite, precision=self.precision)
         C = m.mean.shape[0] - (target is not None)
@@ -108,6 +136,13 @@ class ChannelStats:
         else:
             self._fold(int(m.count), m.mean, m.comoment, C, target is not None, "update")
         return self
+
+    def _foldable(self, x, channel_dim) -> bool:
+        """Whether update can fold x in place: statistics already on x's device, contiguous, and a
+        layout the op reads (anything else goes through channel_moments, which names the error)."""
+        return (self.mean is not None and isinstance(x, Tensor) and x.dim() in (2, 4)
+                and -x.dim() <= channel_dim < x.dim() and x.device == self.mean.device
+                and self.mean.is_contiguous() and self._comoment.is_contiguous())
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
         """Fold in the statistics of another ChannelStats (e.g. from another data shard)."""

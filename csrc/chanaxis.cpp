@@ -17,6 +17,15 @@ TORCH_LIBRARY(chanaxis_fast, m) {
   m.def(
       "channel_moments(Tensor x, Tensor? target, Tensor? positions, str mode, int channel_dim, "
       "bool skip_nonfinite, str precision=\"float64\") -> (Tensor, Tensor, Tensor)");
+  // The same batch folded into running statistics in place (Chan et al.): count int64 [], mean
+  // float64 [D], comoment float64 [D, D], on x's device; only comoment's upper triangle
+  // (diagonal included) is read and kept up to date, the lower one is left stale. Nothing is
+  // changed when the call raises (bad arguments, NaN/Inf without skip_nonfinite, positions out
+  // of range).
+  m.def(
+      "channel_moments_fold_(Tensor x, Tensor? target, Tensor? positions, str mode, "
+      "int channel_dim, bool skip_nonfinite, str precision, Tensor(a!) count, Tensor(b!) mean, "
+      "Tensor(c!) comoment) -> ()");
   // corr: a list of L correlation matrices [C_l, C_l] (float32/float64, one device), processed in
   // one launch. Outputs are concatenated over the layers (sum C_l rows, member indices local to
   // each layer): (e_full float64 [sum C_l], hull_size int64 [sum C_l], hull_members int64

@@ -150,44 +150,81 @@ void accumulate_upper_panels(const at::Tensor& zt, const at::Tensor& comoment, d
   });
 }
 
-void add_upper_panels(const at::Tensor& part, const at::Tensor& acc) {
+void add_upper_panels(const at::Tensor& part, const at::Tensor& acc, bool assign) {
   const int64_t D = part.size(0);
   const int64_t max_panels = part.scalar_type() == at::kFloat ? 4 : 8;
   for_each_upper_panel(D, max_panels, [&](int64_t i, int64_t b) {
-    acc.narrow(0, i, b).narrow(1, i, D - i).add_(part.narrow(0, i, b).narrow(1, i, D - i));
+    at::Tensor out = acc.narrow(0, i, b).narrow(1, i, D - i);
+    const at::Tensor in = part.narrow(0, i, b).narrow(1, i, D - i);
+    if (assign)
+      out.copy_(in);
+    else
+      out.add_(in);
   });
 }
 
-at::Tensor symmetric_from_upper(const at::Tensor& upper) {
-  // Every entry is v + 0.0 (v from the upper triangle), the bits of triu() + triu(1)^T.
-  if (!upper.is_cpu()) {
-    const at::Tensor u = upper.to(at::kDouble);
-    return u.triu().add_(u.triu(1).t());
+void symmetrize_upper_(const at::Tensor& m) {
+  if (!m.is_cpu()) {
+    m.copy_(m.triu().add_(m.triu(1).t()));
+    return;
   }
+  // Tiles of rows [i0, i1): task t writes the upper part of its rows and the mirrored columns
+  // [i0, i1) of the rows below; it reads only the upper part of its own rows. Disjoint: no race.
   constexpr int64_t kTile = 64;
-  const int64_t D = upper.size(0);
-  const at::Tensor u = upper.contiguous();
-  at::Tensor out = at::empty({D, D}, u.options().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "channel_moments", [&] {
-    const scalar_t* p = u.const_data_ptr<scalar_t>();
-    at::parallel_for(0, (D + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i0 = t * kTile, i1 = std::min(D, i0 + kTile);
-        for (int64_t j0 = i0; j0 < D; j0 += kTile) {
-          const int64_t j1 = std::min(D, j0 + kTile);
-          for (int64_t i = i0; i < i1; ++i) {
-            for (int64_t j = std::max(i, j0); j < j1; ++j) {
-              const double v = static_cast<double>(p[i * D + j]) + 0.0;
-              o[i * D + j] = v;
-              o[j * D + i] = v;
-            }
+  const int64_t D = m.size(0);
+  TORCH_INTERNAL_ASSERT(m.scalar_type() == at::kDouble && m.is_contiguous());
+  double* o = m.data_ptr<double>();
+  at::parallel_for(0, (D + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kTile, i1 = std::min(D, i0 + kTile);
+      for (int64_t j0 = i0; j0 < D; j0 += kTile) {
+        const int64_t j1 = std::min(D, j0 + kTile);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = std::max(i, j0); j < j1; ++j) {
+            const double v = o[i * D + j] + 0.0;
+            o[i * D + j] = v;
+            o[j * D + i] = v;
           }
         }
       }
-    });
+    }
   });
-  return out;
+}
+
+void check_running(const MomentsPlan& plan, const at::Tensor& count, const at::Tensor& mean,
+                   const at::Tensor& comoment) {
+  constexpr const char* op = "channel_moments_fold_";
+  const int64_t D = plan.D;
+  CHANAXIS_CHECK_DTYPE(count, at::kLong, op, "count");
+  CHANAXIS_CHECK(count.dim() == 0, op, "count must be a 0-dim int64 tensor, got shape ", count.sizes());
+  CHANAXIS_CHECK_DTYPE(mean, at::kDouble, op, "mean");
+  CHANAXIS_CHECK(mean.dim() == 1 && mean.size(0) == D && mean.is_contiguous(), op,
+                 "mean must be a contiguous [D] = [", D, "] tensor (D = C + target), got shape ",
+                 mean.sizes());
+  CHANAXIS_CHECK_DTYPE(comoment, at::kDouble, op, "comoment");
+  CHANAXIS_CHECK(comoment.dim() == 2 && comoment.size(0) == D && comoment.size(1) == D &&
+                     comoment.is_contiguous(),
+                 op, "comoment must be a contiguous [D, D] = [", D, ", ", D,
+                 "] tensor (D = C + target), got shape ", comoment.sizes());
+  CHANAXIS_CHECK_SAME_DEVICE(count, plan.x, op, "count", "x");
+  CHANAXIS_CHECK_SAME_DEVICE(mean, plan.x, op, "mean", "x");
+  CHANAXIS_CHECK_SAME_DEVICE(comoment, plan.x, op, "comoment", "x");
+}
+
+void finish_fold(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& comoment,
+                 const at::Tensor& mean_b, int64_t n_b) {
+  // The weights as float64 tensors on the device: the running count never leaves it.
+  const at::Tensor n_a = count.to(at::kDouble);
+  const double nb = static_cast<double>(n_b);
+  const at::Tensor n = n_a + nb;
+  const at::Tensor d = mean_b - mean;
+  const at::Tensor dw = d * ((n_a * nb) / n);
+  const int64_t D = mean.size(0);
+  for_each_upper_panel(D, 8, [&](int64_t i, int64_t b) {
+    comoment.narrow(0, i, b).narrow(1, i, D - i).addr_(dw.narrow(0, i, b), d.narrow(0, i, D - i));
+  });
+  mean.add_(d * (n.new_full({}, nb) / n));
+  count.add_(n_b);
 }
 
 int64_t first_nonfinite(const std::vector<ChannelSum>& sums) {

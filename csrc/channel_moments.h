@@ -51,12 +51,24 @@ int64_t rows_per_chunk(int64_t D);
 // chunk zt [D, k] (beta = 0: the panels are overwritten, whatever they held).
 void accumulate_upper_panels(const at::Tensor& zt, const at::Tensor& comoment, double beta = 1.0);
 
-// acc's upper-triangle panels += part's (the panels accumulate_upper_panels writes).
-void add_upper_panels(const at::Tensor& part, const at::Tensor& acc);
+// acc's upper-triangle panels += part's (the panels accumulate_upper_panels writes); assign: =.
+void add_upper_panels(const at::Tensor& part, const at::Tensor& acc, bool assign = false);
 
-// The float64 symmetric matrix whose upper triangle (diagonal included) is upper's; the lower
-// triangle of upper is not read.
-at::Tensor symmetric_from_upper(const at::Tensor& upper);
+// In place: every entry of the lower triangle of the float64 [D, D] m becomes its upper mirror,
+// and every entry is v + 0.0 (v from the upper triangle, diagonal included), the bits of
+// triu() + triu(1)^T; the lower triangle is not read.
+void symmetrize_upper_(const at::Tensor& m);
+
+// The argument checks of channel_moments_fold_'s running statistics: count int64 [], mean float64
+// [D] and comoment float64 [D, D], contiguous, on x's device.
+void check_running(const MomentsPlan& plan, const at::Tensor& count, const at::Tensor& mean,
+                   const at::Tensor& comoment);
+
+// The end of a fold (Chan et al.), on the device, with the batch's co-moment already added to
+// comoment's upper panels: n_a = count, n = n_a + n_b, d = mean_b - mean;
+// comoment += d d^T n_a n_b / n (upper panels); mean += d n_b / n; count = n.
+void finish_fold(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& comoment,
+                 const at::Tensor& mean_b, int64_t n_b);
 
 // Error out (or, under skip_nonfinite, report that a row mask is needed) for non-finite values;
 // first_bad is the first column whose pass-1 sum is not finite, or -1. Returns true when rows
@@ -108,64 +120,107 @@ struct Pass1 {
 //   void centre(x, layout, t, mask, mean, r0, zt)          -> zt[c, r - r0] = centred value, rows r0..
 //                                                             (zt float64, or float32 for precision
 //                                                             "float32": centred in float64, rounded)
+// The rows of one batch after pass 1: the tensor they are read from and its layout, the mask of
+// kept rows (undefined: all), how many there are and their means (float64 [D] on the device).
+struct Batch {
+  at::Tensor x, mask, mean;
+  RowLayout layout;
+  int64_t rows = 0, count = 0;
+};
+
+// Pass 1 of a batch (sums, means, the NaN/Inf and range checks, the row mask under
+// skip_nonfinite). Returns false when the batch has no rows at all (H * W = 0).
+template <class Backend>
+bool prepare_batch(Backend& backend, const MomentsPlan& plan, Batch& b) {
+  if (!plan.gap && (plan.x.dim() == 4 ? plan.x.size(2) * plan.x.size(3) : 1) == 0) {
+    // No rows (H * W = 0): nothing to launch, and no launch arithmetic may divide by a row count.
+    if (plan.positions.defined()) fail_positions_range(plan);  // no position is inside H*W = 0
+    return false;
+  }
+  at::Tensor positions;
+  b.x = backend.source(plan, positions);
+  b.layout = make_row_layout(b.x, positions);
+  b.rows = b.layout.rows();
+  b.count = b.rows;
+  Pass1 p1 = backend.pass1(b.x, b.layout, plan.target, b.mask, b.count);
+  if (!p1.positions_ok) fail_positions_range(plan);
+  if (check_nonfinite(p1.first_bad, plan.C, plan.skip_nonfinite)) {
+    b.mask = backend.row_mask(b.x, b.layout, plan.target);
+    b.count = b.mask.sum().template item<int64_t>();  // only on this (exceptional) path
+    p1 = backend.pass1(b.x, b.layout, plan.target, b.mask, b.count);
+    check_nonfinite(p1.first_bad, plan.C, /*skip_nonfinite=*/false);  // what is left must be finite
+  }
+  b.mean = p1.mean;
+  return true;
+}
+
+// acc's upper-triangle panels (float64 [D, D]) += the co-moment of the batch's kept rows about
+// their own means, chunk by chunk. overwrite: the panels are set (their old contents are never
+// read, so acc may come from at::empty). Float64: each centred chunk's product goes straight into
+// acc. Float32: centred in float64 and rounded once to float32, each chunk's product is a float32
+// GEMM (MKL / cuBLAS at full float32 precision) into the panels of a float32 scratch, overwritten
+// for every chunk and added to acc in float64.
+template <class Backend>
+void accumulate_batch(Backend& backend, const MomentsPlan& plan, const Batch& b, const at::Tensor& acc,
+                      bool overwrite) {
+  const auto f64 = plan.x.options().dtype(at::kDouble);
+  const int64_t chunk = std::min(b.rows, rows_per_chunk(plan.D));
+  if (plan.float32) {
+    const Float32MatmulGuard no_tf32;
+    at::Tensor zt = at::empty({plan.D, chunk}, f64.dtype(at::kFloat));
+    at::Tensor part = at::empty({plan.D, plan.D}, f64.dtype(at::kFloat));
+    for (int64_t r0 = 0; r0 < b.rows; r0 += chunk) {
+      const int64_t k = std::min(chunk, b.rows - r0);
+      at::Tensor z = zt.narrow(1, 0, k);
+      backend.centre(b.x, b.layout, plan.target, b.mask, b.mean, r0, z);
+      accumulate_upper_panels(z, part, /*beta=*/0.0);
+      add_upper_panels(part, acc, /*assign=*/overwrite && r0 == 0);
+    }
+    return;
+  }
+  at::Tensor zt = at::empty({plan.D, chunk}, f64);
+  for (int64_t r0 = 0; r0 < b.rows; r0 += chunk) {
+    const int64_t k = std::min(chunk, b.rows - r0);
+    at::Tensor z = zt.narrow(1, 0, k);
+    backend.centre(b.x, b.layout, plan.target, b.mask, b.mean, r0, z);
+    accumulate_upper_panels(z, acc, overwrite && r0 == 0 ? 0.0 : 1.0);
+  }
+}
+
+// channel_moments: (count, mean, comoment) of one batch.
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_channel_moments(const MomentsPlan& plan) {
   const auto f64 = plan.x.options().dtype(at::kDouble);
   const auto count_options = plan.x.options().dtype(at::kLong);
-  if (!plan.gap && (plan.x.dim() == 4 ? plan.x.size(2) * plan.x.size(3) : 1) == 0) {
-    // No rows (H * W = 0): nothing to launch, and no launch arithmetic may divide by a row count.
-    if (plan.positions.defined()) fail_positions_range(plan);  // no position is inside H*W = 0
-    return {at::full({}, 0, count_options), at::zeros({plan.D}, f64), at::zeros({plan.D, plan.D}, f64)};
-  }
   Backend backend;
-  at::Tensor positions;
-  const at::Tensor x = backend.source(plan, positions);
-  const RowLayout layout = make_row_layout(x, positions);
-  const int64_t rows = layout.rows();
-
-  at::Tensor mask;  // undefined: every row is kept
-  int64_t count = rows;
-  Pass1 p1 = backend.pass1(x, layout, plan.target, mask, count);
-  if (!p1.positions_ok) fail_positions_range(plan);
-  if (check_nonfinite(p1.first_bad, plan.C, plan.skip_nonfinite)) {
-    mask = backend.row_mask(x, layout, plan.target);
-    count = mask.sum().template item<int64_t>();  // only on this (exceptional) path
-    p1 = backend.pass1(x, layout, plan.target, mask, count);
-    check_nonfinite(p1.first_bad, plan.C, /*skip_nonfinite=*/false);  // what is left must be finite
-  }
-  if (count == 0)
-    return {at::full({}, count, count_options), p1.mean, at::zeros({plan.D, plan.D}, f64)};
-  at::Tensor comoment;
-  const int64_t chunk = std::min(rows, rows_per_chunk(plan.D));
-  if (plan.float32) {
-    // Centred in float64 and rounded once to float32; each chunk's product is a float32 GEMM
-    // (MKL / cuBLAS at full float32 precision) into the upper panels of `part`, overwritten
-    // (beta = 0) for every chunk and folded into the float64 sum; one chunk needs no fold.
-    const Float32MatmulGuard no_tf32;
-    at::Tensor zt = at::empty({plan.D, chunk}, f64.dtype(at::kFloat));
-    at::Tensor part = at::empty({plan.D, plan.D}, f64.dtype(at::kFloat));
-    if (rows > chunk) comoment = at::zeros({plan.D, plan.D}, f64);
-    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-      const int64_t k = std::min(chunk, rows - r0);
-      at::Tensor z = zt.narrow(1, 0, k);
-      backend.centre(x, layout, plan.target, mask, p1.mean, r0, z);
-      accumulate_upper_panels(z, part, /*beta=*/0.0);
-      if (rows > chunk) add_upper_panels(part, comoment);
-    }
-    comoment = symmetric_from_upper(rows > chunk ? comoment : part);
-  } else {
-    comoment = at::zeros({plan.D, plan.D}, f64);
-    at::Tensor zt = at::empty({plan.D, chunk}, f64);
-    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-      const int64_t k = std::min(chunk, rows - r0);
-      at::Tensor z = zt.narrow(1, 0, k);
-      backend.centre(x, layout, plan.target, mask, p1.mean, r0, z);
-      accumulate_upper_panels(z, comoment);
-    }
-    comoment = symmetric_from_upper(comoment);
-  }
+  Batch b;
+  if (!prepare_batch(backend, plan, b))
+    return {at::full({}, 0, count_options), at::zeros({plan.D}, f64), at::zeros({plan.D, plan.D}, f64)};
+  if (b.count == 0)
+    return {at::full({}, b.count, count_options), b.mean, at::zeros({plan.D, plan.D}, f64)};
+  at::Tensor comoment = at::empty({plan.D, plan.D}, f64);
+  accumulate_batch(backend, plan, b, comoment, /*overwrite=*/true);
+  symmetrize_upper_(comoment);
   // at::full fills on the device (no host-to-device copy to wait for).
-  return {at::full({}, count, count_options), p1.mean, comoment};
+  return {at::full({}, b.count, count_options), b.mean, comoment};
+}
+
+// channel_moments_fold_: the batch folded into running statistics (count int64 [], mean float64
+// [D], comoment float64 [D, D], on x's device) in place, with the pairwise update of Chan et al.
+// The batch's co-moment about its own means goes straight into comoment's upper panels, then
+// the rank-one term, the means and the count (finish_fold): no D x D temporary per batch and no
+// pass over the lower triangle, which is neither read nor kept up to date (the caller mirrors
+// the upper triangle when it reads the matrix: symmetrize_upper_). Every check (arguments,
+// NaN/Inf, positions) runs before the running statistics are touched.
+template <class Backend>
+void run_channel_moments_fold(const MomentsPlan& plan, const at::Tensor& count, const at::Tensor& mean,
+                              const at::Tensor& comoment) {
+  check_running(plan, count, mean, comoment);
+  Backend backend;
+  Batch b;
+  if (!prepare_batch(backend, plan, b) || b.count == 0) return;
+  accumulate_batch(backend, plan, b, comoment, /*overwrite=*/false);
+  finish_fold(count, mean, comoment, b.mean, b.count);
 }
 
 }  // namespace chanaxis

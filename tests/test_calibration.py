@@ -234,6 +234,35 @@ def test_nonfinite_images_raise_or_are_skipped():
     assert skipped.rank_counts["a"] == 4
 
 
+def test_a_nan_in_the_last_layer_folds_nothing_of_its_batch(tmp_path):
+    """The statistics are folded in place layer by layer: a NaN that only the last calibrated layer
+    sees must stop the batch before any layer is folded, and the checkpoint then holds whole
+    batches only."""
+    net, ds = SmallNet(), dataset(16)
+    calls = []
+
+    def poison(mod, args, out):  # the trace is call 1, batch k is call k + 1
+        calls.append(1)
+        if len(calls) == 4:
+            out = out.clone()
+            out[0, 0] = float("nan")  # every position of one map: whatever is sampled
+            return out
+
+    handle = net.d.register_forward_hook(poison)
+    ckpt = tmp_path / "c.pt"
+    zero = lambda logits, labels: torch.zeros(len(labels), dtype=torch.float64)  # noqa: E731
+    try:
+        with pytest.raises(RuntimeError, match="NaN/Inf"):
+            run(net, ds, 4, extras=None, target=zero, checkpoint=ckpt)
+    finally:
+        handle.remove()
+    partial = Calibration.load(ckpt)
+    assert partial.num_batches == 2 and not partial.complete
+    clean = run(net, torch.utils.data.TensorDataset(*(t[:8] for t in ds.tensors)), 4, extras=None,
+                target=zero)
+    assert_stats_equal(partial, clean, rtol=0, atol=0)  # layer "a" came before "d": not folded
+
+
 # ---------------------------------------------------------------------- persistence, resume
 def test_graph_state_dict_roundtrip():
     net = SmallNet()

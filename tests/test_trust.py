@@ -198,3 +198,30 @@ def test_dead_channels_score_positive_zero():
         for layer, v in per_layer.items():
             negative_zero = (v == 0) & torch.signbit(v)
             assert not negative_zero.any(), (metric, layer, negative_zero.nonzero().flatten().tolist())
+
+
+def test_interrupts_are_held_back_until_a_fold_is_whole():
+    """Ctrl-C or SIGTERM during deferred_interrupts (calibrate's fold of a batch) arrives after the
+    block, which runs to its end."""
+    import signal
+
+    from chanaxis_fast.runtime import Terminated, deferred_interrupts, sigterm_as_interrupt
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the signal is delivered here and held back
+            done.append("after SIGINT")
+    assert done == ["after SIGINT"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    with sigterm_as_interrupt():
+        with pytest.raises(Terminated):
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                done.append("after SIGTERM")
+    assert done == ["after SIGINT", "after SIGTERM"]
+    with deferred_interrupts():  # nothing received: nothing raised
+        done.append("quiet")
+    assert done[-1] == "quiet"

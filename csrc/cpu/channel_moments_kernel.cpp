@@ -277,8 +277,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_moments_cpu(
   return run_channel_moments<CpuBackend>(plan);
 }
 
+void channel_moments_fold_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& target,
+                              const c10::optional<at::Tensor>& positions, c10::string_view mode,
+                              int64_t channel_dim, bool skip_nonfinite, c10::string_view precision,
+                              const at::Tensor& count, const at::Tensor& mean,
+                              const at::Tensor& comoment) {
+  const MomentsPlan plan =
+      plan_channel_moments(x, target, positions, mode, channel_dim, skip_nonfinite, precision);
+  run_channel_moments_fold<CpuBackend>(plan, count, mean, comoment);
+}
+
 TORCH_LIBRARY_IMPL(chanaxis_fast, CPU, m) {
   m.impl("channel_moments", &channel_moments_cpu);
+  m.impl("channel_moments_fold_", &channel_moments_fold_cpu);
 }
 
 }  // namespace chanaxis

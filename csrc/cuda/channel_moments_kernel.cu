@@ -345,8 +345,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_moments_cuda(
   return run_channel_moments<CudaBackend>(plan);
 }
 
+void channel_moments_fold_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& target,
+                               const c10::optional<at::Tensor>& positions, c10::string_view mode,
+                               int64_t channel_dim, bool skip_nonfinite, c10::string_view precision,
+                               const at::Tensor& count, const at::Tensor& mean,
+                               const at::Tensor& comoment) {
+  c10::Device gpu = gpu_of(x, target, positions);
+  for (const at::Tensor* t : {&count, &mean, &comoment})
+    if (!gpu.is_cuda() && t->is_cuda()) gpu = t->device();
+  c10::cuda::CUDAGuard guard(gpu);
+  const MomentsPlan plan = plan_channel_moments(x, target, positions, mode, channel_dim,
+                                                skip_nonfinite, precision,
+                                                /*defer_range_check=*/true);
+  run_channel_moments_fold<CudaBackend>(plan, count, mean, comoment);
+}
+
 TORCH_LIBRARY_IMPL(chanaxis_fast, CUDA, m) {
   m.impl("channel_moments", &channel_moments_cuda);
+  m.impl("channel_moments_fold_", &channel_moments_fold_cuda);
 }
 
 }  // namespace chanaxis
