@@ -263,6 +263,44 @@ def test_a_nan_in_the_last_layer_folds_nothing_of_its_batch(tmp_path):
     assert_stats_equal(partial, clean, rtol=0, atol=0)  # layer "a" came before "d": not folded
 
 
+def test_readouts_changed_in_place_are_seen_and_copied_from_then_on(monkeypatch):
+    """Mode "all" keeps each read-out without a copy and checks its version counter after the
+    forward. SmallNet's BatchNorm outputs go through ReLU(inplace=True): with readout="post_bn"
+    the first batch runs twice (then copying those read-outs), every later batch once, and the
+    statistics are those of the BatchNorm outputs, not of their ReLU."""
+    net, ds = SmallNet(), dataset(12)
+    calls = []
+    handle = net.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        cal = run(net, ds, 4, mode="all", readout="post_bn", extras=None, layers=["a", "b"])
+        assert calls == [2, 4, 4, 4, 4]  # the trace, batch 1 twice, batches 2 and 3
+        calls.clear()
+        run(net, ds, 4, mode="all", readout="pre_bn", extras=None, layers=["a", "b"])
+        assert calls == [2, 4, 4, 4]  # the convs' outputs are not changed in place
+    finally:
+        handle.remove()
+    st = net.stages(ds.tensors[0])
+    for layer, key in (("a", "a.bn"), ("b", "b.bn")):
+        rows, _ = rows_np(st[key], "all", None)
+        assert (rows < 0).any()  # BatchNorm outputs, before the ReLU
+        t = margin_np(st["logits"], ds.tensors[1])
+        per = rows.shape[0] // 12
+        _, M = moments_np(np.concatenate([rows, np.repeat(t, per)[:, None]], 1))
+        np.testing.assert_allclose(cal.stats[layer].comoment.numpy(), M, rtol=1e-10, atol=1e-10)
+
+
+def test_pooled_mean_in_blocks_is_the_whole_mean(monkeypatch):
+    from chanaxis_fast import calibration
+
+    x = torch.randn(7, 3, 10) * 100 + 1e4
+    whole = x.double().mean(2, keepdim=True)
+    monkeypatch.setattr(calibration, "_POOL_BLOCK", 50)  # blocks of one image
+    assert torch.equal(calibration._pooled_mean(x), whole)
+    monkeypatch.setattr(calibration, "_POOL_BLOCK", 70)  # two images, and a last block of one
+    assert torch.equal(calibration._pooled_mean(x), whole)
+    assert torch.equal(calibration._pooled_mean(x.double()), whole)
+
+
 # ---------------------------------------------------------------------- persistence, resume
 def test_graph_state_dict_roundtrip():
     net = SmallNet()
