@@ -19,6 +19,14 @@ def _channel_moments_fold_fake(x, target, positions, mode, channel_dim, skip_non
     return None
 
 
+@torch.library.register_fake(_lib + "patch_moments")
+def _patch_moments_fake(x, positions, kernel, stride, padding, dilation, out_width, skip_nonfinite):
+    C, k2 = x.shape[1], kernel[0] * kernel[1]
+    f64 = dict(dtype=torch.float64, device=x.device)
+    return (x.new_empty((C,), dtype=torch.int64), x.new_empty((C, k2), **f64),
+            x.new_empty((C, k2, k2), **f64))
+
+
 @torch.library.register_fake(_lib + "peer_hulls")
 def _peer_hulls_fake(corr, max_size, eps, ridge):
     total = sum(c.shape[0] for c in corr)

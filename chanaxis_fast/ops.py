@@ -335,3 +335,44 @@ def chip_drops(A: Tensor) -> Tensor:
     if A.dim() == 2:
         return _ops.chip_drops(A[None])[0]
     return _ops.chip_drops(A)
+
+
+class PatchMoments(NamedTuple):
+    """Per-channel statistics of a conv input's k x k patches (SFVR's input, METHOD.md §4).
+
+    count: int64 [C]              patches used per input channel
+    mean: float64 [C, k2]         mean patch (k2 = kh * kw, taps in row-major order)
+    comoment: float64 [C, k2, k2] centred co-moment sum_r (p_r - mean)(p_r - mean)^T
+    """
+
+    count: Tensor
+    mean: Tensor
+    comoment: Tensor
+
+
+def _pair(v) -> List[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(u) for u in v]
+
+
+def patch_moments(x: Tensor, positions: Tensor, kernel, *, stride=1, padding=0, dilation=1,
+                  out_width: int, skip_nonfinite: bool = False) -> PatchMoments:
+    """Count, mean and centred co-moment of every input channel's patches at a conv's sampled
+    output positions: what SFVR needs of a consumer's input, in one pass over x per channel.
+
+    Args:
+        x: Tensor[N, C, H, W] (any strides; float16, bfloat16, float32 or float64), the conv's
+            input before padding.
+        positions: int64 Tensor[N, P], flat output positions ``h * out_width + w`` of each image.
+        kernel, stride, padding, dilation: the conv's (an int or an (h, w) pair); padding is
+            zero padding (taps outside the image read 0).
+        out_width: the conv's output width (checked against the other arguments).
+        skip_nonfinite: by default NaN/Inf raise; with True a patch holding one is left out of
+            its channel's statistics (``count`` says how many remain).
+
+    Returns:
+        :class:`PatchMoments`, float64 on the CPU (the op has a CPU kernel only; on a GPU
+        :mod:`chanaxis_fast.extras.sfvr` gathers the patches with PyTorch instead).
+        :func:`chanaxis_fast.reference.patch_moments` is the float64 reference (``F.unfold``).
+    """
+    return PatchMoments(*_ops.patch_moments(x, positions, _pair(kernel), _pair(stride), _pair(padding),
+                                            _pair(dilation), out_width, skip_nonfinite))

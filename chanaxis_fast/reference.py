@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops import Hulls, Moments, TargetExcess
+from .ops import Hulls, Moments, PatchMoments, TargetExcess
 
 
 def _rows(x, target, positions, mode, channel_dim):
@@ -302,3 +302,30 @@ def chip_drops(A: Tensor) -> Tensor:
                 B = base - b[:, None, None] * q[:, :, None] * A[i, cs][:, None, :]
             out[i, cs] = full - torch.linalg.svdvals(B).sum(-1)
     return out
+
+
+def patch_moments(x: Tensor, positions: Tensor, kernel, *, stride=1, padding=0, dilation=1,
+                  out_width: int, skip_nonfinite: bool = False) -> PatchMoments:
+    """Reference of :func:`chanaxis_fast.ops.patch_moments`: ``F.unfold`` of the float64 input,
+    the columns at the positions, per channel mean and centred product."""
+    import torch.nn.functional as F
+
+    from .ops import _pair
+
+    kh, kw = _pair(kernel)
+    N, C = x.shape[:2]
+    cols = F.unfold(x.double(), (kh, kw), dilation=_pair(dilation), padding=_pair(padding),
+                    stride=_pair(stride))                                  # [N, C k2, L]
+    if cols.shape[2] % out_width:
+        raise ValueError(f"patch_moments: out_width {out_width} does not divide the {cols.shape[2]} positions")
+    P, k2 = positions.shape[1], kh * kw
+    cols = cols.view(N, C, k2, -1).gather(3, positions[:, None, None, :].expand(N, C, k2, P))
+    rows = cols.permute(1, 0, 3, 2).reshape(C, N * P, k2)                  # [C, rows, k2]
+    finite = torch.isfinite(rows).all(2)                                   # [C, rows]
+    if not skip_nonfinite and not bool(finite.all()):
+        raise ValueError("patch_moments: x has NaN/Inf values")
+    rows = torch.where(finite[..., None], rows, torch.zeros((), dtype=rows.dtype))
+    count = finite.sum(1)
+    mean = rows.sum(1) / count.clamp_min(1)[:, None]
+    z = (rows - mean[:, None, :]) * finite[..., None]
+    return PatchMoments(count, mean, z.transpose(1, 2) @ z)

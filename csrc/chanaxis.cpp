@@ -50,6 +50,14 @@ TORCH_LIBRARY(chanaxis_fast, m) {
   // (TE float64 [C], partners int64 [C, partners] in decreasing R_X, -1 padded)
   m.def("target_excess(Tensor cov_t, int partners, int top, float jitter) -> (Tensor, Tensor)");
 
+  // SFVR's input statistics (CPU kernel; on a GPU the Python fallback of extras/sfvr.py): the k x k
+  // patches of every input channel of x [N, C, H, W] at the output positions [N, P] (flat,
+  // h * out_width + w) of a conv with that kernel, stride, padding (zeros) and dilation.
+  // Returns (count int64 [C], mean float64 [C, k2], comoment float64 [C, k2, k2]), k2 = kh * kw.
+  m.def(
+      "patch_moments(Tensor x, Tensor positions, int[2] kernel, int[2] stride, int[2] padding, "
+      "int[2] dilation, int out_width, bool skip_nonfinite) -> (Tensor, Tensor, Tensor)");
+
   // CHIP: A [N, C, S] floating -> float64 [N, C], ||A_i||_* - ||A_i with row c zeroed||_*.
   m.def("chip_drops(Tensor A) -> Tensor");
 }

@@ -44,7 +44,8 @@ MomentsPlan plan_channel_moments(const at::Tensor& x, const c10::optional<at::Te
 // Row layout of a 4-D [N, C, H, W] or 2-D [N, C] tensor (positions: contiguous [N, P] or undefined).
 RowLayout make_row_layout(const at::Tensor& x, const at::Tensor& positions);
 
-// How many rows are centred and multiplied at a time: bounds the float64 scratch to about 32 MB.
+// How many rows are centred and multiplied at a time: bounds the float64 scratch to about 2 MB
+// (at least 1,024 rows).
 int64_t rows_per_chunk(int64_t D);
 
 // comoment[i:, i:] panels of the upper triangle = beta * themselves + zt[i] zt^T, for a centred

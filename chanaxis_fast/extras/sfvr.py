@@ -1,13 +1,14 @@
 """SFVR's inputs: per consumer of a calibrated layer, the covariance of each input channel's
 patches and the variance of each output channel, at the consumer's own output positions.
 
-Cost per image: a gather of ``P * C_in * k^2`` input values and ``C_in`` small ``k^2 x k^2``
-products per consumer (``P`` = 16 positions; every output position in "all"/"gap" mode). The
-gather reads the unpadded input (zero padding is masked) and lays the patches out feature-major,
-``[C_in, k^2, rows]`` in float64, so the products are contiguous batched matmuls: on resnet18
-with the CIFAR stem (128 images, batch 128, 2 threads) ``extras=["sfvr"]`` went from 3.1x to
-1.9x a plain forward (A/B in one run; 10.2x to 2.7x on a loaded machine, where the strided
-batched matmul of before suffered most).
+Cost per image: ``P * C_in * k^2`` input values (``P`` = 16 positions; every output position in
+"all"/"gap" mode) and ``C_in`` small ``k^2 x k^2`` co-moments per consumer. On the CPU the
+``patch_moments`` kernel (:func:`chanaxis_fast.ops.patch_moments`) reads every patch where it
+lies, plane after plane, and reduces it in float64 without a gathered copy; on a GPU the patches
+are gathered from the unpadded input (zero padding masked) feature-major, ``[C_in, k^2, rows]``
+in float64, and reduced by batched matmuls. On resnet18 with the CIFAR stem (batch 128, 2
+threads) ``extras=["sfvr"]`` cost 3.1x a plain forward with a strided gather, 1.9x with the
+feature-major one and about 1.4x with the kernel (A/B runs on one machine).
 """
 
 from typing import Callable, Dict, Iterable, Tuple
@@ -16,11 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..graph import ModelGraph
 from ..patch_stats import PatchStats
 from . import channels_first
 
-_CHUNK = 1 << 23  # float64 elements per working block of the patch gather (64 MiB)
+# On the CPU the patch statistics come from the patch_moments kernel (no gathered copy); the
+# gather below serves GPUs (and the tests, which compare the two).
+USE_KERNEL = True
+_CHUNK = 1 << 18  # float64 elements per working block of the patch gather (2 MiB)
 
 # index(N, S, device) -> int64 [N, n]: the flat output positions of each image's rows
 IndexFn = Callable[[int, int, torch.device], Tensor]
@@ -66,6 +71,17 @@ def input_stats(x: Tensor, mod: nn.Module, node, index: IndexFn, *, skip_nonfini
         Ho = (Hs + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         Wo = (Ws + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         idx = index(N, Ho * Wo, x.device)
+        if src.device.type == "cpu" and USE_KERNEL:  # every patch read where it lies, no copy
+            try:
+                m = ops.patch_moments(src, idx, (kh, kw), stride=(sh, sw), padding=(ph, pw),
+                                      dilation=(dh, dw), out_width=Wo, skip_nonfinite=skip_nonfinite)
+            except RuntimeError as e:
+                if "NaN/Inf" not in str(e):
+                    raise
+                raise ValueError(f"{who}: NaN/Inf values in the data (pass skip_nonfinite=True to drop "
+                                 f"them)") from None
+            ps._fold(m.count, m.mean, m.comoment, who)
+            return ps
         n, k2 = idx.shape[1], kh * kw
         flat_src = src.reshape(N, C, Hs * Ws)
         step = max(1, _CHUNK // max(1, C * n * k2))
