@@ -8,7 +8,9 @@ calibration against a plain forward pass, measured side by side in one process.
      "cases": [{"group", "case", "device", "reference", "ref_ms", "ours_ms", "ratio",
                 "rate", "rate_unit", "status", "note"}, ...]}
 
-``ratio`` is always ``ref_ms / ours_ms`` (above 1: ours is faster). For an op, the reference is
+``ratio`` is always ``ref_ms / ours_ms`` (above 1: ours is faster). A calibration is timed in
+alternating pairs (forward, calibrate), which cancels the machine's slow drifts: its row holds the
+pair whose ratio is the median, and its note the range over the pairs. For an op, the reference is
 its float64 pure-PyTorch implementation in :mod:`chanaxis_fast.reference`. For a calibration, the
 reference is a plain ``torch.inference_mode`` forward of the model over the same images, so the
 ratio is below 1 and the note gives the cost ``ours / reference`` ("1.19x forward"). ``rate`` is
@@ -153,6 +155,8 @@ class Case:
     repeat: int = 3
     ref_repeat: Optional[int] = None
     warmup: int = 1
+    paired: bool = False                # time ref and ours alternately, ``repeat`` pairs; the ratio
+                                        # is the median of the pairs' ratios (slow drifts cancel)
     note: str = ""
     cost_note: bool = False             # note "ours / ref x forward" (end-to-end cases)
     setup: Optional[Callable[[], object]] = None  # untimed, run first (only when the case runs)
@@ -195,6 +199,34 @@ def _op_cases(size: str, device: str) -> List[Case]:
                         ours=lambda x=x, t=t, pos=pos, kw=kw: ops.channel_moments(x, t, pos, **kw),
                         ref=lambda x=x, t=t, pos=pos, kw=kw: reference.channel_moments(x, t, pos, **kw),
                         work=work, unit=unit, repeat=rep))
+
+    # channel_moments_fold_: the batch folded into running statistics (what calibrate runs), against
+    # the reference's moments of the batch merged into them
+    C = 64 if tiny else 512 if quick else 2048
+    x = torch.randn(16, C, 16, 1, generator=g).to(dev)  # 16 images x 16 sampled positions
+    t = torch.randn(16, generator=g, dtype=torch.float64).to(dev)
+    run = (torch.zeros((), dtype=torch.int64, device=dev),
+           torch.zeros(C + 1, dtype=torch.float64, device=dev),
+           torch.zeros(C + 1, C + 1, dtype=torch.float64, device=dev))
+
+    def merged_reference(x=x, t=t):
+        m = reference.channel_moments(x, t)
+        return run[2] + m.comoment + torch.outer(m.mean - run[1], m.mean - run[1]) * 0.5
+
+    out.append(Case("op", f"channel_moments_fold_ C={C}, 256 rows (16 images x 16 positions)", device,
+                    "reference.channel_moments + merge (float64)",
+                    ours=lambda: ops.channel_moments_fold_(*run, x, t), ref=merged_reference,
+                    work=256 * (C + 1) * (C + 2), unit="GFLOP/s", repeat=rep))
+    # patch_moments (SFVR's input statistics; a CPU kernel)
+    if dev.type == "cpu":
+        N, C, H = (16, 16, 8) if tiny else (128, 128, 16) if quick else (128, 256, 16)
+        x = torch.randn(N, C, H, H, generator=g)
+        pos = torch.randint(0, H * H, (N, 16), generator=g)
+        out.append(Case("op", f"patch_moments {N}x{C}x{H}x{H}, 3x3, 16 positions", device,
+                        "reference.patch_moments (F.unfold, float64)",
+                        ours=lambda x=x, pos=pos: ops.patch_moments(x, pos, 3, padding=1, out_width=H),
+                        ref=lambda x=x, pos=pos: reference.patch_moments(x, pos, 3, padding=1, out_width=H),
+                        repeat=rep))
 
     # peer_hulls and explained_variance
     C = 32 if tiny else 128 if quick else 256
@@ -282,7 +314,7 @@ def _e2e_cases(size: str, device: str) -> List[Case]:
             ours=lambda mode=mode, extras=extras, precision=precision: calibrate(
                 model, loader, mode=mode, extras=extras, rank_images=rank_images, progress=False,
                 device=dev, precision=precision),
-            ref=forward, repeat=1, ref_repeat=3 if size == "full" else 2, warmup=0, cost_note=True))
+            ref=forward, repeat=3 if size == "full" else 2, warmup=0, paired=True, cost_note=True))
     return out
 
 
@@ -296,7 +328,7 @@ def _scale_cases(size: str, device: str) -> List[Case]:
 
     dev = torch.device(device)
     out = []
-    for name, images in (("resnet50", 32), ("mobilenet_v2", 32)):
+    for name, images in (("resnet50", 64), ("mobilenet_v2", 64)):
         torch.manual_seed(0)
         model = _randomise_bn(torchvision.models.get_model(name, weights=None, num_classes=1000)).to(dev)
         loader = _loader(images, 224, 16, 1000)
@@ -313,7 +345,7 @@ def _scale_cases(size: str, device: str) -> List[Case]:
                             ours=lambda model=model, loader=loader, precision=precision: calibrate(
                                 model, loader, extras=None, progress=False, device=dev,
                                 precision=precision),
-                            ref=forward, repeat=1, ref_repeat=2, warmup=0, cost_note=True,
+                            ref=forward, repeat=3, warmup=0, paired=True, cost_note=True,
                             extra={"images": images}))
     return out
 
@@ -352,9 +384,24 @@ def _measure(c: Case) -> dict:
                ours_ms=None, ratio=None, rate=None, rate_unit=None, status="ok", note=c.note)
     if c.setup is not None:
         c.setup()
-    t_ours = timeit(c.ours, repeat=c.repeat, warmup=c.warmup, device=c.device)
-    row["ours_ms"] = t_ours * 1e3
-    if c.ref is not None:
+    if c.paired and c.ref is not None:
+        for _ in range(c.warmup):
+            c.ref(), c.ours()
+        pairs = [(timeit(c.ref, repeat=1, warmup=0, device=c.device),
+                  timeit(c.ours, repeat=1, warmup=0, device=c.device)) for _ in range(c.repeat)]
+        pairs.sort(key=lambda p: p[1] / p[0])
+        t_ref, t_ours = pairs[(len(pairs) - 1) // 2]  # the median pair (its ratio is the median)
+        row["ref_ms"], row["ours_ms"] = t_ref * 1e3, t_ours * 1e3
+        row["ratio"] = row["ref_ms"] / row["ours_ms"]
+        spread = (f" (pairs {pairs[0][1] / pairs[0][0]:.2f}-{pairs[-1][1] / pairs[-1][0]:.2f})"
+                  if len(pairs) > 1 else "")
+        if c.cost_note:
+            row["note"] = (f"{row['ours_ms'] / row['ref_ms']:.2f}x forward{spread}"
+                           + (f"; {c.note}" if c.note else ""))
+    else:
+        t_ours = timeit(c.ours, repeat=c.repeat, warmup=c.warmup, device=c.device)
+        row["ours_ms"] = t_ours * 1e3
+    if c.ref is not None and not c.paired:
         t_ref = timeit(c.ref, repeat=c.ref_repeat or c.repeat, warmup=c.warmup, device=c.device)
         row["ref_ms"] = t_ref * 1e3
         row["ratio"] = row["ref_ms"] / row["ours_ms"]

@@ -833,8 +833,9 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
                            f"(the forward pass took another path than the traced one)")
     skip = cal.config["skip_nonfinite"]
     if not skip:  # a NaN/Inf raises here, before anything is folded
+        t_ok = _finite(t)
         for l in cal.layers:
-            if not _finite(hooks.rows[l]) or not _finite(t):
+            if not t_ok or not _finite(hooks.rows[l]):
                 ops.channel_moments(hooks.rows[l], t, mode="all")  # raises, naming what is wrong
     for c in cal.patches:
         if c not in hooks.patch or c not in hooks.out:

@@ -155,6 +155,26 @@ void accumulate_upper_panels(const at::Tensor& zt, const at::Tensor& comoment, d
 void add_upper_panels(const at::Tensor& part, const at::Tensor& acc, bool assign) {
   const int64_t D = part.size(0);
   const int64_t max_panels = part.scalar_type() == at::kFloat ? 4 : 8;
+  if (acc.is_cpu() && part.scalar_type() == at::kFloat && acc.scalar_type() == at::kDouble &&
+      part.is_contiguous() && acc.is_contiguous()) {
+    // One pass, float32 read and widened in the loop (TensorIterator would first copy the panel
+    // to a float64 temporary): the same values as add_ / copy_.
+    const float* p = part.const_data_ptr<float>();
+    double* a = acc.data_ptr<double>();
+    for_each_upper_panel(D, max_panels, [&](int64_t i, int64_t b) {
+      at::parallel_for(i, i + b, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* pr = p + r * D;
+          double* ar = a + r * D;
+          if (assign)
+            for (int64_t j = i; j < D; ++j) ar[j] = static_cast<double>(pr[j]);
+          else
+            for (int64_t j = i; j < D; ++j) ar[j] += static_cast<double>(pr[j]);
+        }
+      });
+    });
+    return;
+  }
   for_each_upper_panel(D, max_panels, [&](int64_t i, int64_t b) {
     at::Tensor out = acc.narrow(0, i, b).narrow(1, i, D - i);
     const at::Tensor in = part.narrow(0, i, b).narrow(1, i, D - i);
