@@ -215,7 +215,7 @@ def _op_cases(size: str, device: str) -> List[Case]:
 
     out.append(Case("op", f"channel_moments_fold_ C={C}, 256 rows (16 images x 16 positions)", device,
                     "reference.channel_moments + merge (float64)",
-                    ours=lambda: ops.channel_moments_fold_(*run, x, t), ref=merged_reference,
+                    ours=lambda x=x, t=t: ops.channel_moments_fold_(*run, x, t), ref=merged_reference,
                     work=256 * (C + 1) * (C + 2), unit="GFLOP/s", repeat=rep))
     # patch_moments (SFVR's input statistics; a CPU kernel)
     if dev.type == "cpu":

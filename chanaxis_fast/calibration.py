@@ -300,8 +300,11 @@ class Calibration:
 class _Pass:
     """The forward hooks of one calibration pass and what they stash for the current batch.
 
-    Hooks only stash (already reduced where possible: sampled positions, patch moments, ranks);
-    nothing is folded into the calibration before the whole batch succeeded.
+    Hooks only stash (already reduced where possible: sampled positions, pooled rows, patch
+    moments, ranks); mode "all" keeps each read-out itself, checked against its version counter
+    after the forward (a read-out the forward changes in place is copied from then on). Nothing is
+    folded into the calibration before the whole batch succeeded: NaN/Inf are checked first, and
+    the in-place folds then run with Ctrl-C / SIGTERM held back until the batch is whole.
     """
 
     def __init__(self, model, graph, cal: Calibration, readout, mode, P, extras, rank_images,

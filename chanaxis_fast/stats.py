@@ -45,8 +45,11 @@ class ChannelStats:
             product of each batch (see :func:`chanaxis_fast.ops.channel_moments`); the running
             statistics are float64 either way.
 
-    On a GPU, :meth:`update` keeps the count on the device too (no host-device synchronisation per
-    batch beyond the one inside the op); reading :attr:`count` synchronises once.
+    :meth:`update` folds each batch in place (:func:`chanaxis_fast.ops.channel_moments_fold_`): the
+    batch's centred product goes straight into the upper triangle of the running co-moment, the
+    lower triangle is mirrored once when :attr:`comoment` is read, so a batch costs no D x D
+    temporary. On a GPU the count stays on the device too (no host-device synchronisation per batch
+    beyond the one inside the op); reading :attr:`count` synchronises once.
     """
 
     def __init__(self, num_channels: Optional[int] = None, *, has_target: Optional[bool] = None,
