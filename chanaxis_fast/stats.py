@@ -100,6 +100,7 @@ class ChannelStats:
 
     @comoment.setter
     def comoment(self, value: Optional[Tensor]) -> None:
+        """Replace the co-moment matrix (a full symmetric float64 [D, D])."""
         self._comoment, self._stale_lower = value, False
 
     def _allocate(self, D, device):
