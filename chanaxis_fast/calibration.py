@@ -30,8 +30,8 @@ from .extras.ranks import chip_drops  # noqa: F401  (re-exported: chanaxis_fast.
 from .extras.taylor import taylor_grads
 from .graph import ModelGraph, trace_model
 from .patch_stats import PatchStats
-from .runtime import SaveSchedule, check_writable, deferred_interrupts, sigterm_as_interrupt
 from . import ops
+from .runtime import SaveSchedule, check_writable, deferred_interrupts, sigterm_as_interrupt
 from .stats import ChannelStats, StatsFileError, atomic_save, check_header, read_state
 
 _FORMAT = "chanaxis_fast.Calibration"

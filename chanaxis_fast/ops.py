@@ -25,6 +25,13 @@ class Moments(NamedTuple):
     comoment: Tensor
 
 
+def default_mode(mode: Optional[str], positions: Optional[Tensor]) -> str:
+    """``mode``, or by default "positions" when positions are given and "all" otherwise."""
+    if mode is None:
+        return "positions" if positions is not None else "all"
+    return mode
+
+
 def channel_moments(
     x: Tensor,
     target: Optional[Tensor] = None,
@@ -74,10 +81,8 @@ def channel_moments(
         synchronises with the host once (to check for NaN/Inf and out-of-range positions); count,
         mean and comoment stay on the device.
     """
-    if mode is None:
-        mode = "positions" if positions is not None else "all"
-    return Moments(*_ops.channel_moments(x, target, positions, mode, channel_dim, skip_nonfinite,
-                                         precision))
+    return Moments(*_ops.channel_moments(x, target, positions, default_mode(mode, positions),
+                                         channel_dim, skip_nonfinite, precision))
 
 
 def channel_moments_fold_(
@@ -106,10 +111,8 @@ def channel_moments_fold_(
     (ChannelStats mirrors it when read). Every check (arguments, NaN/Inf, positions) runs before
     anything is changed; a batch whose rows are all skipped changes nothing.
     """
-    if mode is None:
-        mode = "positions" if positions is not None else "all"
-    _ops.channel_moments_fold_(x, target, positions, mode, channel_dim, skip_nonfinite, precision,
-                               count, mean, comoment)
+    _ops.channel_moments_fold_(x, target, positions, default_mode(mode, positions), channel_dim,
+                               skip_nonfinite, precision, count, mean, comoment)
 
 
 class Hulls(NamedTuple):

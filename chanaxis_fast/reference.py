@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops import Hulls, Moments, PatchMoments, TargetExcess
+from .ops import Hulls, Moments, PatchMoments, TargetExcess, default_mode
 
 
 def _rows(x, target, positions, mode, channel_dim):
@@ -53,8 +53,7 @@ def channel_moments(
     """
     if precision not in ("float64", "float32"):
         raise ValueError(f"channel_moments: precision must be 'float64' or 'float32', got {precision!r}")
-    if mode is None:
-        mode = "positions" if positions is not None else "all"
+    mode = default_mode(mode, positions)
     y = _rows(x, target, positions, mode, channel_dim)
     if skip_nonfinite:
         y = y[torch.isfinite(y).all(dim=1)]
