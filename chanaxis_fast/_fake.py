@@ -75,3 +75,8 @@ def _target_excess_fake(cov_t, partners, top, jitter):
 @torch.library.register_fake(_lib + "chip_drops")
 def _chip_drops_fake(A):
     return A.new_empty((A.shape[0], A.shape[1]), dtype=torch.float64)
+
+
+@torch.library.register_fake(_lib + "map_ranks")
+def _map_ranks_fake(x, rtol):
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.int64)

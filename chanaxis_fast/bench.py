@@ -277,6 +277,15 @@ def _op_cases(size: str, device: str) -> List[Case]:
     out.append(Case("op", f"chip_drops 1 x {Cc} x {Sc_}", device, "reference.chip_drops (one SVD per channel)",
                     ours=lambda: ops.chip_drops(A), ref=lambda: reference.chip_drops(A),
                     work=2.0 * Cc * m * Sc_, unit=None, repeat=rep, ref_repeat=1))
+
+    # HRank: the ranks of a batch of post-ReLU maps, against matrix_rank (one LAPACK SVD per map)
+    for Nr, Cr, Hr in ([(2, 8, 8)] if tiny else [(4, 64, 16)] if quick else [(16, 64, 32), (16, 512, 4)]):
+        maps = torch.randn(Nr, Cr, Hr, Hr, generator=g).relu().to(dev)
+        out.append(Case("op", f"map_ranks {Nr}x{Cr}x{Hr}x{Hr}", device,
+                        "torch.linalg.matrix_rank (float32 SVD per map)",
+                        ours=lambda maps=maps: ops.map_ranks(maps),
+                        ref=lambda maps=maps: torch.linalg.matrix_rank(maps),
+                        work=8.0 / 3.0 * Nr * Cr * Hr ** 3, unit=None, repeat=rep))
     return out
 
 

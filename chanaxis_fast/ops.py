@@ -340,6 +340,40 @@ def chip_drops(A: Tensor) -> Tensor:
     return _ops.chip_drops(A)
 
 
+def default_rank_rtol(x: Tensor) -> float:
+    """``torch.linalg.matrix_rank``'s default relative tolerance for the H x W maps of ``x``:
+    ``max(H, W) * eps``, eps of float64 for float64 maps and of float32 otherwise (HRank ranks
+    float16/bfloat16 maps as float32, as it always has)."""
+    eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    return max(x.shape[-2], x.shape[-1], 1) * eps
+
+
+def map_ranks(x: Tensor, *, rtol: Optional[float] = None) -> Tensor:
+    """HRank's matrix rank of every H x W feature map: ``#{sigma_i > rtol * sigma_max}``.
+
+    ``torch.linalg.matrix_rank(x, rtol=rtol)`` (atol 0) without a library call per map: each map
+    is copied to float64, reduced to bidiagonal form by Householder reflections and its rank read
+    from two Sturm counts (csrc/common/rank.h). The singular values are those of the exact map
+    (to about ``eps_float64 * sigma_max``), so a float32 map's rank does not depend on a float32
+    SVD's rounding, which at the default tolerance of a 4 x 4 map is within a factor of a few of
+    it; results can differ from ``matrix_rank`` of the float32 map only where a singular value is
+    that close to the tolerance.
+
+    Args:
+        x: Tensor[N, C, H, W] (one map per image and channel; any strides, channels-last
+            included) or Tensor[H, W]; float16, bfloat16, float32 or float64, finite.
+        rtol: relative tolerance, > 0; default :func:`default_rank_rtol` (``matrix_rank``'s).
+
+    Returns:
+        int64 Tensor[N, C] (a 0-D tensor for a 2-D x) on x's device; an all-zero map has rank 0.
+    """
+    if rtol is None:
+        rtol = default_rank_rtol(x)
+    if x.dim() == 2:
+        return _ops.map_ranks(x[None, None], float(rtol))[0, 0]
+    return _ops.map_ranks(x, float(rtol))
+
+
 class PatchMoments(NamedTuple):
     """Per-channel statistics of a conv input's k x k patches (SFVR's input, METHOD.md §4).
 

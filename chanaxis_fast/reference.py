@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops import Hulls, Moments, PatchMoments, TargetExcess, default_mode
+from .ops import Hulls, Moments, PatchMoments, TargetExcess, default_mode, default_rank_rtol
 
 
 def _rows(x, target, positions, mode, channel_dim):
@@ -264,6 +264,14 @@ def target_excess(cov_t: Tensor, *, partners: int = 50, top: int = 10,
 
 # ----------------------------------------------------------------------------- CHIP
 _CHIP_BLOCK = 1 << 23  # float64 elements of the reduced matrices in one batched SVD (64 MiB)
+
+
+def map_ranks(x: Tensor, rtol: Optional[float] = None) -> Tensor:
+    """Reference of :func:`chanaxis_fast.ops.map_ranks`: ``torch.linalg.matrix_rank`` of the float64
+    maps (one LAPACK SVD each) with the op's default tolerance."""
+    if rtol is None:
+        rtol = default_rank_rtol(x)
+    return torch.linalg.matrix_rank(x.to(torch.float64), rtol=rtol)
 
 
 def chip_drops(A: Tensor) -> Tensor:

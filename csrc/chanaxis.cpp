@@ -60,6 +60,10 @@ TORCH_LIBRARY(chanaxis_fast, m) {
 
   // CHIP: A [N, C, S] floating -> float64 [N, C], ||A_i||_* - ||A_i with row c zeroed||_*.
   m.def("chip_drops(Tensor A) -> Tensor");
+
+  // HRank: x [N, C, H, W] floating (any strides) -> int64 [N, C], the rank of each H x W map,
+  // #{singular values > rtol * the largest} (torch.linalg.matrix_rank with atol = 0); rtol > 0.
+  m.def("map_ranks(Tensor x, float rtol) -> Tensor");
 }
 
 namespace {

@@ -1,7 +1,10 @@
 """HRank's and CHIP's inputs, from the feature maps of the first ``rank_images`` images.
 
-- HRank: the matrix rank of each channel's H x W feature map. Cost: ``rank_images * C`` small
-  SVDs per layer.
+- HRank: the matrix rank of each channel's H x W feature map (:func:`chanaxis_fast.ops.map_ranks`:
+  ``torch.linalg.matrix_rank``'s definition and tolerance, decided on the map's exact singular
+  values). Cost: ``rank_images * C`` small bidiagonalisations per layer, about ``(8/3) n^3`` flops
+  for an ``n x n`` map and no library call per map: 3-4x faster than ``matrix_rank`` on the 4 x 4
+  to 56 x 56 maps of a ResNet.
 - CHIP: ``||A||_* - ||A with row c zeroed||_*``, ``A`` the C x HW feature matrix of one image at
   the read-out. Cost per image and layer: one eigendecomposition of an ``m x m`` Gram matrix,
   ``m = min(C, HW)``, and ``C`` secular equations of ``O(m^2)`` each (see :func:`chip_drops`),
@@ -52,8 +55,7 @@ def rank_sums(layer: str, x: Tensor, channel_dim: int, extras: Sequence[str], sk
     k, C = maps.shape[:2]
     hr = ch = None
     if "hrank" in extras:
-        m = maps if maps.dtype in (torch.float32, torch.float64) else maps.float()
-        hr = torch.linalg.matrix_rank(m).sum(0).double() if k else maps.new_zeros(C, dtype=torch.float64)
+        hr = ops.map_ranks(maps).sum(0).double() if k else maps.new_zeros(C, dtype=torch.float64)
     if "chip" in extras:
         ch = chip_drops(maps.reshape(k, C, -1)).sum(0) if k else maps.new_zeros(C, dtype=torch.float64)
     return hr, ch, k

@@ -43,6 +43,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "scratch.h"
+
 namespace chanaxis {
 namespace secular {
 
@@ -53,17 +55,9 @@ constexpr int kMaxIterations = 64;
 constexpr double kSettledCubic = 1e-5;
 constexpr double kSettledQuadratic = 1e-8;
 
-// The deflated poles and weights of one equation: contiguous on the CPU (per-thread buffers),
-// interleaved across threads on CUDA so that a warp's loads coalesce.
-struct DenseVec {
-  double* p;
-  C10_HOST_DEVICE double& operator[](int64_t j) const { return p[j]; }
-};
-struct StridedVec {
-  double* p;
-  int64_t step;
-  C10_HOST_DEVICE double& operator[](int64_t j) const { return p[j * step]; }
-};
+// The deflated poles and weights of one equation live in scratch.h's DenseVec / StridedVec.
+using chanaxis::DenseVec;
+using chanaxis::StridedVec;
 
 enum class Form : int { projection = 0, downdate = 1 };
 

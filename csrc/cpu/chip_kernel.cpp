@@ -10,20 +10,14 @@
 #include <vector>
 
 #include "../chip.h"
+#include "wide_clones.h"
 
 namespace chanaxis {
 namespace {
 
 // Nearly all of the time is divisions in the solver's pole sums, which the baseline x86-64 build
-// vectorises two doubles wide: clones for AVX2 and AVX-512 CPUs (picked when the library loads),
-// with the whole solver inlined into each, run them four and eight wide.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CHANAXIS_WIDE_CLONES \
-  __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CHANAXIS_WIDE_CLONES
-#endif
-
+// vectorises two doubles wide: the wide clones (the whole solver inlined into each) run them four
+// and eight wide.
 CHANAXIS_WIDE_CLONES void chip_rows(const secular::ChipDropRow& row, int64_t r0, int64_t r1,
                                     double* scratch) {
   const secular::DenseVec ad{scratch}, aw{scratch + row.m};
