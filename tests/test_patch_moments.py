@@ -94,6 +94,24 @@ def test_nonfinite_values_raise_or_drop_their_patches():
     assert none.count[1] == 0 and not none.mean[1].any() and not none.comoment[1].any()
 
 
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_a_nan_patch_is_dropped_and_huge_finite_values_are_kept(kernel):
+    # the kernel tests each plane once (its column sums) and each row only when that fails: a
+    # NaN in one patch drops exactly that patch, and finite values whose sums overflow are kept
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 2, 7, 7, generator=g, dtype=torch.float64)
+    x[2, 1, 0, 0] = float("nan")
+    pos = torch.tensor([[0, 10, 48], [0, 10, 48], [0, 24, 48]])  # only (2, 0) sees pixel (0, 0)
+    ours = ops.patch_moments(x, pos, kernel, padding=kernel // 2, out_width=7, skip_nonfinite=True)
+    ref = reference.patch_moments(x, pos, kernel, padding=kernel // 2, out_width=7, skip_nonfinite=True)
+    assert ours.count.tolist() == ref.count.tolist() == [9, 8]
+    assert_close(ours.mean, ref.mean, rtol=1e-14)
+    assert_close(ours.comoment, ref.comoment, rtol=1e-12, atol=1e-12)
+    huge = torch.full((1, 1, 4, 4), 1.5e308, dtype=torch.float64)
+    out = ops.patch_moments(huge, torch.tensor([[0, 5, 10, 15]]), kernel, padding=kernel // 2, out_width=4)
+    assert out.count.tolist() == [4]  # no error, no row dropped: the overflow is the data's
+
+
 @pytest.mark.parametrize("args, kwargs, match", [
     ((torch.randn(2, 3, 5),), {}, "x must be 4-D"),
     ((torch.randn(2, 3, 5, 5).int(),), {}, "x must be a floating tensor"),
