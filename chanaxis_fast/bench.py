@@ -159,6 +159,7 @@ class Case:
                                         # is the median of the pairs' ratios (slow drifts cancel)
     note: str = ""
     cost_note: bool = False             # note "ours / ref x forward" (end-to-end cases)
+    cost_of: str = "forward"            # what the reference of a cost note is
     setup: Optional[Callable[[], object]] = None  # untimed, run first (only when the case runs)
     extra: dict = field(default_factory=dict)
 
@@ -304,6 +305,13 @@ def _e2e_cases(size: str, device: str) -> List[Case]:
             for x, _ in loader:
                 model(x.to(dev))
 
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    def forward_backward():
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(model(x.to(dev)), y.to(dev), reduction="sum")
+            torch.autograd.grad(loss, weights)
+
     f64, f32 = "float64", "float32"
     configs = [("sample", None, f64), ("sample", None, f32), ("gap", None, f64), ("all", None, f64),
                ("all", None, f32), ("sample", ["sfvr"], f64), ("sample", ["taylor"], f64),
@@ -324,6 +332,16 @@ def _e2e_cases(size: str, device: str) -> List[Case]:
                 model, loader, mode=mode, extras=extras, rank_images=rank_images, progress=False,
                 device=dev, precision=precision),
             ref=forward, repeat=3 if size == "full" else 2, warmup=0, paired=True, cost_note=True))
+    if not tiny:
+        # Taylor's floor: what plain PyTorch pays for the gradients it needs
+        out.append(Case(
+            "calibrate", f"resnet18-cifar {images} img b{batch}: mode=sample, extras=['taylor'] "
+            "against forward + backward", device,
+            "plain forward + autograd.grad of the summed cross-entropy w.r.t. the conv/linear weights",
+            ours=lambda: calibrate(model, loader, mode="sample", extras=["taylor"], progress=False,
+                                   device=dev),
+            ref=forward_backward, repeat=3 if size == "full" else 2, warmup=0, paired=True,
+            cost_note=True, cost_of="forward + backward"))
     return out
 
 
@@ -405,7 +423,7 @@ def _measure(c: Case) -> dict:
         spread = (f" (pairs {pairs[0][1] / pairs[0][0]:.2f}-{pairs[-1][1] / pairs[-1][0]:.2f})"
                   if len(pairs) > 1 else "")
         if c.cost_note:
-            row["note"] = (f"{row['ours_ms'] / row['ref_ms']:.2f}x forward{spread}"
+            row["note"] = (f"{row['ours_ms'] / row['ref_ms']:.2f}x {c.cost_of}{spread}"
                            + (f"; {c.note}" if c.note else ""))
     else:
         t_ours = timeit(c.ours, repeat=c.repeat, warmup=c.warmup, device=c.device)
@@ -415,7 +433,7 @@ def _measure(c: Case) -> dict:
         row["ref_ms"] = t_ref * 1e3
         row["ratio"] = row["ref_ms"] / row["ours_ms"]
         if c.cost_note:
-            row["note"] = (f"{row['ours_ms'] / row['ref_ms']:.2f}x forward" + (f"; {c.note}" if c.note else ""))
+            row["note"] = (f"{row['ours_ms'] / row['ref_ms']:.2f}x {c.cost_of}" + (f"; {c.note}" if c.note else ""))
     if c.work is not None and c.unit is not None:
         scale = 1e9
         row["rate"], row["rate_unit"] = c.work / t_ours / scale, c.unit

@@ -52,7 +52,7 @@ ChipSpectra chip_spectra(const at::Tensor& A) {
     return {at::empty({0, m}, f64), at::empty({0, m}, f64.dtype(at::kLong)),
             at::empty({0, C, m}, f64), at::empty({0, C}, f64), at::empty({0}, f64), form};
   at::Tensor X = A.to(at::kDouble);
-  CHANAXIS_CHECK(at::isfinite(X).all().item<bool>(), op, "A has NaN/Inf values");
+  CHANAXIS_CHECK(all_finite(X), op, "A has NaN/Inf values");
 
   const at::Tensor peak = X.abs().amax({1, 2});
   const at::Tensor e = at::where(peak > 0, at::floor(at::log2(peak)), at::zeros_like(peak));

@@ -19,3 +19,19 @@
 #define CHANAXIS_CHECK_SAME_DEVICE(a, b, op, name_a, name_b)                                 \
   TORCH_CHECK((a).device() == (b).device(), op, ": ", name_a, " is on ", (a).device(),        \
               " but ", name_b, " is on ", (b).device())
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/sum.h>
+
+namespace chanaxis {
+
+// Whether every value of x is finite, in one reduction: a NaN or Inf makes the sum non-finite,
+// and only a sum that overflowed on finite values needs the exact (three-pass) test.
+inline bool all_finite(const at::Tensor& x) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (at::isfinite(x.sum(acc)).item<bool>()) return true;
+  return at::isfinite(x).all().item<bool>();
+}
+
+}  // namespace chanaxis

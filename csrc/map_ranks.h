@@ -27,7 +27,7 @@ at::Tensor map_ranks_run(const at::Tensor& x, double rtol, const Launch& launch)
   at::Tensor out = at::empty({N, C}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   if (H == 0 || W == 0) return out.zero_();
-  CHANAXIS_CHECK(at::isfinite(x).all().item<bool>(), op, "x has NaN/Inf values");
+  CHANAXIS_CHECK(all_finite(x), op, "x has NaN/Inf values");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     launch(N * C, rank::work_size(H, W),
            rank::MapRankRow<scalar_t>{x.const_data_ptr<scalar_t>(), C, H, W, x.stride(0), x.stride(1),

@@ -105,6 +105,29 @@ def test_against_numpy_and_reference(kind, C, S):
     assert_drops_close(got, reference.chip_drops(A), A)
 
 
+def test_division_path_matches_the_default_path(tmp_path):
+    # On AVX-512 CPUs the kernel takes 1 / delta from a refined reciprocal estimate;
+    # CHANAXIS_CHIP_NO_RCP14=1 runs the portable division path (the one CUDA and other CPUs run).
+    # Both must agree with the brute force, and with each other far below the tolerance.
+    import os
+    import subprocess
+    import sys
+
+    A = torch.from_numpy(np.stack([matrix(kind, C, S, 0) for kind in KINDS for C, S in [(24, 40)]]
+                                  + [np.maximum(np.random.default_rng(1).standard_normal((24, 40)), 0)]))
+    src = tmp_path / "A.pt"
+    torch.save(A, src)
+    code = ("import sys, torch, chanaxis_fast; A = torch.load(sys.argv[1]); "
+            "torch.save(chanaxis_fast.ops.chip_drops(A), sys.argv[2])")
+    env = dict(os.environ, CHANAXIS_CHIP_NO_RCP14="1")
+    subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "d.pt")], env=env, check=True)
+    division = torch.load(tmp_path / "d.pt")
+    default = ops.chip_drops(A)
+    assert_drops_close(division, np_chip(A), A)
+    assert_drops_close(default, np_chip(A), A)
+    assert_drops_close(default, division, A, rtol=1e-11)
+
+
 @pytest.mark.parametrize("C, S", [(1, 7), (7, 1), (1, 1), (2, 2), (64, 100), (100, 24)])
 def test_small_and_larger_shapes(C, S):
     A = torch.randn(3, C, S, dtype=torch.float64, generator=torch.Generator().manual_seed(C * S))
@@ -206,3 +229,16 @@ def test_cuda_matches_cpu():
     assert (ops.chip_drops(torch.zeros(2, 3, 4, device="cuda")) == 0).all()
     with pytest.raises(RuntimeError, match="chip_drops: A has NaN/Inf values"):
         ops.chip_drops(torch.full((1, 2, 3), float("nan"), device="cuda"))
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    # the NaN/Inf check is one sum; a sum that overflows on finite values takes the exact test
+    A = torch.full((1, 3, 5), 4e307, dtype=torch.float64)  # the sum, 2e308, overflows
+    A[0, 1] = -4e307
+    # rank one, three rows of norm r: ||A||_* = sqrt(3) r, sqrt(2) r with any row zeroed
+    r = 4e307 * 5 ** 0.5
+    drops = ops.chip_drops(A)
+    assert torch.allclose(drops, torch.full((1, 3), (3 ** 0.5 - 2 ** 0.5) * r, dtype=torch.float64), rtol=1e-12)
+    A[0, 2, 4] = float("nan")
+    with pytest.raises(RuntimeError, match="chip_drops: A has NaN/Inf values"):
+        ops.chip_drops(A)

@@ -161,3 +161,13 @@ def test_cuda_matches_cpu():
     assert torch.equal(ops.map_ranks(x.cuda().to(memory_format=torch.channels_last)).cpu(), ranks)
     with pytest.raises(RuntimeError, match="map_ranks: x has NaN/Inf values"):
         ops.map_ranks(torch.full((1, 2, 3, 3), float("nan"), device="cuda"))
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    # the NaN/Inf check is one sum; a sum that overflows on finite values takes the exact test
+    x = torch.full((1, 2, 8, 8), 1.5e308, dtype=torch.float64)
+    x[0, 1, ::2] = -1.5e308
+    assert ops.map_ranks(x).tolist() == [[1, 1]]
+    x[0, 1, 3, 3] = float("inf")
+    with pytest.raises(RuntimeError, match="map_ranks: x has NaN/Inf values"):
+        ops.map_ranks(x)

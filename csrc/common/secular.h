@@ -93,6 +93,16 @@ C10_HOST_DEVICE inline Sums pole_sums(const Vec& d, const Vec& w, int64_t n, dou
 }
 #undef CHANAXIS_SIMD_REDUCTION
 
+// How interval_root evaluates the pole sums: this portable loop everywhere; the CPU kernel passes
+// its own for AVX-512 CPUs (a reciprocal estimate refined by Newton steps instead of a division).
+struct PortablePoleSums {
+  template <class Vec>
+  C10_HOST_DEVICE static Sums eval(const Vec& d, const Vec& w, int64_t n, double origin,
+                                   double tau) {
+    return pole_sums(d, w, n, origin, tau);
+  }
+};
+
 // The root of interval k and its distance to the interval's upper pole d_k (>= 0, accurate).
 struct Root {
   double mu;
@@ -101,7 +111,7 @@ struct Root {
 
 // The root of h in (d_{k-1}, d_k), or in (d_0 - weight_sum / rho, d_0) for k = 0 (rho > 0), for
 // n strictly increasing poles with positive weights summing to weight_sum.
-template <class Vec>
+template <class PoleSums, class Vec>
 C10_HOST_DEVICE inline Root interval_root(const Vec& d, const Vec& w, int64_t n, double rho,
                                           double weight_sum, int64_t k) {
   int64_t o;         // the origin pole
@@ -110,10 +120,10 @@ C10_HOST_DEVICE inline Root interval_root(const Vec& d, const Vec& w, int64_t n,
   if (k == 0) {
     // h(d_0 - W / rho) <= sum w_j / W - rho = 0: the bracket's lower end is not above the root.
     o = 0, a = -weight_sum / rho, b = 0.0, tau = a;
-    f = pole_sums(d, w, n, d[0], tau);
+    f = PoleSums::eval(d, w, n, d[0], tau);
   } else {
     const double half = 0.5 * (d[k] - d[k - 1]);
-    f = pole_sums(d, w, n, d[k - 1], half);
+    f = PoleSums::eval(d, w, n, d[k - 1], half);
     if (f.h1 - rho >= 0.0)
       o = k - 1, a = 0.0, b = half, tau = half;
     else  // the midpoint is d_k - half (up to rounding, which the bracket absorbs)
@@ -153,7 +163,7 @@ C10_HOST_DEVICE inline Root interval_root(const Vec& d, const Vec& w, int64_t n,
     if (!(next > a && next < b)) break;  // the bracket is down to adjacent doubles
     tau = next;
     if (settled) break;
-    f = pole_sums(d, w, n, origin, tau);
+    f = PoleSums::eval(d, w, n, origin, tau);
   }
   const double gap = o == k ? -tau : (d[k] - d[k - 1]) - tau;
   return {origin + tau, gap};
@@ -162,7 +172,7 @@ C10_HOST_DEVICE inline Root interval_root(const Vec& d, const Vec& w, int64_t n,
 // sum_j sqrt(d_j) - sum_k sqrt(mu_k) for d [m] ascending and >= 0 and the component vector
 // (z for the downdate, u for the projection) whose j-th entry is v[order[j]] (d's sort order, so
 // that the basis needs no reordered copy). ad, aw: scratch for m deflated poles and weights.
-template <class Vec>
+template <class PoleSums, class Vec>
 C10_HOST_DEVICE inline double sqrt_spectrum_drop(const double* d, const double* v,
                                                  const int64_t* order, int64_t m, Form form,
                                                  const Vec& ad, const Vec& aw) {
@@ -188,7 +198,7 @@ C10_HOST_DEVICE inline double sqrt_spectrum_drop(const double* d, const double* 
   int64_t k = 0;
   if (!downdate) drop = ::sqrt(ad[0]), k = 1;  // the projection's root mu = 0
   for (; k < n; ++k) {
-    const Root r = interval_root(ad, aw, n, rho, weight_sum, k);
+    const Root r = interval_root<PoleSums>(ad, aw, n, rho, weight_sum, k);
     const double s = ::sqrt(ad[k]);
     drop += r.mu > 0.0 ? r.gap / (s + ::sqrt(r.mu)) : s;
   }
@@ -207,13 +217,13 @@ struct ChipDropRow {
   int64_t C, m;
   Form form;
   double* out;  // [N, C]
-  template <class Vec>
+  template <class Vec, class PoleSums = PortablePoleSums>
   C10_HOST_DEVICE void operator()(int64_t r, const Vec& ad, const Vec& aw) const {
     const double bound = row_norm[r];
     double drop = 0.0;
     if (bound > 0.0) {
       const int64_t i = r / C;
-      drop = sqrt_spectrum_drop(d + i * m, basis + r * m, order + i * m, m, form, ad, aw);
+      drop = sqrt_spectrum_drop<PoleSums>(d + i * m, basis + r * m, order + i * m, m, form, ad, aw);
       drop = drop < bound ? drop : bound;
     }
     out[r] = scale[r / C] * drop;
