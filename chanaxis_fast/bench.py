@@ -160,6 +160,7 @@ class Case:
     note: str = ""
     cost_note: bool = False             # note "ours / ref x forward" (end-to-end cases)
     cost_of: str = "forward"            # what the reference of a cost note is
+    fixed: Optional[Callable[[], object]] = None  # the per-call part of ``ours`` (timed apart; noted)
     setup: Optional[Callable[[], object]] = None  # untimed, run first (only when the case runs)
     extra: dict = field(default_factory=dict)
 
@@ -290,6 +291,20 @@ def _op_cases(size: str, device: str) -> List[Case]:
     return out
 
 
+def calibrate_fixed_cost(model, loader, device) -> Callable[[], object]:
+    """What ``calibrate`` pays once per call whatever the number of images: the trace on two
+    images and the digests of the model, the dataset and the first batch."""
+    from .digest import data_digest, digest, model_digest
+    from .graph import trace_model
+
+    x, y = next(iter(loader))
+
+    def run():
+        trace_model(model, x[:2].to(device))
+        model_digest(model), data_digest(getattr(loader, "dataset", None)), digest([x, y])
+    return run
+
+
 def _e2e_cases(size: str, device: str) -> List[Case]:
     """Calibration of resnet18 (CIFAR stem) per configuration, against a plain forward."""
     from .calibration import calibrate
@@ -312,6 +327,7 @@ def _e2e_cases(size: str, device: str) -> List[Case]:
             loss = torch.nn.functional.cross_entropy(model(x.to(dev)), y.to(dev), reduction="sum")
             torch.autograd.grad(loss, weights)
 
+    fixed = calibrate_fixed_cost(model, loader, dev)
     f64, f32 = "float64", "float32"
     configs = [("sample", None, f64), ("sample", None, f32), ("gap", None, f64), ("all", None, f64),
                ("all", None, f32), ("sample", ["sfvr"], f64), ("sample", ["taylor"], f64),
@@ -331,7 +347,8 @@ def _e2e_cases(size: str, device: str) -> List[Case]:
             ours=lambda mode=mode, extras=extras, precision=precision: calibrate(
                 model, loader, mode=mode, extras=extras, rank_images=rank_images, progress=False,
                 device=dev, precision=precision),
-            ref=forward, repeat=3 if size == "full" else 2, warmup=0, paired=True, cost_note=True))
+            ref=forward, repeat=3 if size == "full" else 2, warmup=0, paired=True, cost_note=True,
+            fixed=fixed))
     if not tiny:
         # Taylor's floor: what plain PyTorch pays for the gradients it needs
         out.append(Case(
@@ -373,6 +390,7 @@ def _scale_cases(size: str, device: str) -> List[Case]:
                                 model, loader, extras=None, progress=False, device=dev,
                                 precision=precision),
                             ref=forward, repeat=3, warmup=0, paired=True, cost_note=True,
+                            fixed=calibrate_fixed_cost(model, loader, dev),
                             extra={"images": images}))
     return out
 
@@ -425,6 +443,11 @@ def _measure(c: Case) -> dict:
         if c.cost_note:
             row["note"] = (f"{row['ours_ms'] / row['ref_ms']:.2f}x {c.cost_of}{spread}"
                            + (f"; {c.note}" if c.note else ""))
+            if c.fixed is not None:
+                t_fixed = timeit(c.fixed, repeat=3, warmup=1, device=c.device) * 1e3
+                row["fixed_ms"] = t_fixed
+                row["note"] += (f"; {(row['ours_ms'] - t_fixed) / row['ref_ms']:.2f}x without the "
+                                f"{t_fixed:.0f} ms per call (trace, digests)")
     else:
         t_ours = timeit(c.ours, repeat=c.repeat, warmup=c.warmup, device=c.device)
         row["ours_ms"] = t_ours * 1e3

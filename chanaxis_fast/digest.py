@@ -15,7 +15,7 @@ def update_digest(h, obj) -> None:
     if isinstance(obj, Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer, no copy
     elif isinstance(obj, dict):
         h.update(b"{")
         for k in sorted(obj, key=str):
