@@ -8,7 +8,8 @@ lies, plane after plane, and reduces it in float64 without a gathered copy; on a
 are gathered from the unpadded input (zero padding masked) feature-major, ``[C_in, k^2, rows]``
 in float64, and reduced by batched matmuls. On resnet18 with the CIFAR stem (batch 128, 2
 threads) ``extras=["sfvr"]`` cost 3.1x a plain forward with a strided gather, 1.9x with the
-feature-major one and about 1.4x with the kernel (A/B runs on one machine).
+feature-major one, about 1.4x with the first kernel and 1.3x since its sums run in registers
+(A/B runs on one machine).
 """
 
 from typing import Callable, Dict, Iterable, Tuple
