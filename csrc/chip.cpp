@@ -19,6 +19,9 @@ namespace {
 // some larger values as accurately as before).
 constexpr double kSmallBlock = 1e-6;
 
+// [N, m] sums over dim 1 of Y [N, *, m] squared (at::mul: ATen's square is a pow, 3-4x slower here)
+at::Tensor squared_column_norms(const at::Tensor& Y) { return at::mul(Y, Y).sum(1); }
+
 void resolve_small_block(at::Tensor& vecs, at::Tensor& Y, at::Tensor& d) {
   const at::Tensor negligible = d.amax(1, true) * (16.0 * secular::kEps * secular::kEps);
   int64_t p = d.size(1);
@@ -31,7 +34,7 @@ void resolve_small_block(at::Tensor& vecs, at::Tensor& Y, at::Tensor& d) {
     const at::Tensor R = std::get<1>(at::linalg_eigh(at::bmm(Yp.transpose(1, 2), Yp)));
     vecs.narrow(2, 0, p).copy_(at::bmm(vecs.narrow(2, 0, p), R));
     Y.narrow(2, 0, p).copy_(at::bmm(Yp, R));
-    d.narrow(1, 0, p).copy_(Y.narrow(2, 0, p).square().sum(1));
+    d.narrow(1, 0, p).copy_(squared_column_norms(Y.narrow(2, 0, p)));
   }
 }
 
@@ -63,11 +66,11 @@ ChipSpectra chip_spectra(const at::Tensor& A) {
   // other side of A (A^T U or A V) and d = the squared column norms of Y.
   at::Tensor vecs = std::get<1>(at::linalg_eigh(projection ? at::bmm(X, Xt) : at::bmm(Xt, X)));
   at::Tensor Y = at::bmm(projection ? Xt : X, vecs);
-  at::Tensor d = Y.square().sum(1);
+  at::Tensor d = squared_column_norms(Y);
   resolve_small_block(vecs, Y, d);
   auto [sorted, order] = d.sort(-1);
   const at::Tensor basis = projection ? vecs : Y;
-  return {sorted.contiguous(), order.contiguous(), basis.contiguous(), X.square().sum(2).sqrt_(),
+  return {sorted.contiguous(), order.contiguous(), basis.contiguous(), at::mul(X, X).sum(2).sqrt_(),
           at::exp2(e), form};
 }
 
