@@ -58,8 +58,10 @@ struct Avx512PoleSums {
   }
   // not always_inline: the solver (compiled for the baseline) calls it; flatten inlines it into
   // chip_rows_avx512's copy of the solver anyway
-  static __attribute__((target("arch=x86-64-v4"))) secular::Sums eval(const secular::DenseVec& d, const secular::DenseVec& w,
-                                        int64_t n, double origin, double tau) {
+  static __attribute__((target("arch=x86-64-v4"))) secular::Sums eval(const secular::DenseVec& d,
+                                                                     const secular::DenseVec& w,
+                                                                     int64_t n, double origin,
+                                                                     double tau) {
     const __m512d vo = _mm512_set1_pd(origin), vt = _mm512_set1_pd(tau);
     __m512d s1 = _mm512_setzero_pd(), sa = s1, s2 = s1, s3 = s1;
     int64_t j = 0;
@@ -84,7 +86,8 @@ __attribute__((target("arch=x86-64-v4"), flatten)) void chip_rows_avx512(
 // AVX-512 CPUs take the reciprocal path unless CHANAXIS_CHIP_NO_RCP14 is set (the tests compare
 // the two paths).
 bool use_avx512() {
-  static const bool use = __builtin_cpu_supports("x86-64-v4") && !std::getenv("CHANAXIS_CHIP_NO_RCP14");
+  static const bool use =
+      __builtin_cpu_supports("x86-64-v4") && !std::getenv("CHANAXIS_CHIP_NO_RCP14");
   return use;
 }
 #endif
