@@ -288,6 +288,14 @@ def _op_cases(size: str, device: str) -> List[Case]:
                         ours=lambda maps=maps: ops.map_ranks(maps),
                         ref=lambda maps=maps: torch.linalg.matrix_rank(maps),
                         work=8.0 / 3.0 * Nr * Cr * Hr ** 3, unit=None, repeat=rep))
+
+    # mode "gap": the float64 mean of every read-out map (GB/s: float32 values read)
+    Np, Cp, Hp = (4, 8, 8) if tiny else (32, 64, 32) if quick else (128, 64, 32)
+    read = torch.randn(Np, Cp, Hp * Hp, generator=g).to(dev)
+    out.append(Case("op", f"pooled_means {Np}x{Cp}x{Hp}x{Hp}", device,
+                    "reference.pooled_means (x.double().mean(2))",
+                    ours=lambda: ops.pooled_means(read), ref=lambda: reference.pooled_means(read),
+                    work=4.0 * read.numel(), unit="GB/s", repeat=rep))
     return out
 
 

@@ -336,3 +336,9 @@ def patch_moments(x: Tensor, positions: Tensor, kernel, *, stride=1, padding=0, 
     mean = rows.sum(1) / count.clamp_min(1)[:, None]
     z = (rows - mean[:, None, :]) * finite[..., None]
     return PatchMoments(count, mean, z.transpose(1, 2) @ z)
+
+
+def pooled_means(x: Tensor) -> Tensor:
+    """Reference of :func:`chanaxis_fast.ops.pooled_means`: the float64 mean of every row of
+    x [N, C, S]."""
+    return x.double().mean(2)

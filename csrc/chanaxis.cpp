@@ -64,6 +64,10 @@ TORCH_LIBRARY(chanaxis_fast, m) {
   // HRank: x [N, C, H, W] floating (any strides) -> int64 [N, C], the rank of each H x W map,
   // #{singular values > rtol * the largest} (torch.linalg.matrix_rank with atol = 0); rtol > 0.
   m.def("map_ranks(Tensor x, float rtol) -> Tensor");
+
+  // Mode "gap": x [N, C, S] floating (any strides) -> float64 [N, C], the mean of each row,
+  // read once and summed in float64. CPU kernel only (a GPU runs x.double().mean(2)).
+  m.def("pooled_means(Tensor x) -> Tensor");
 }
 
 namespace {

@@ -18,7 +18,7 @@ from chanaxis_fast.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # two ops (one with a GB/s rate) and one end-to-end calibration: a few seconds
-ONLY = r"peer_overlap_mean|channel_moments gap|channel_moments_fold_|patch_moments|map_ranks|mode=gap"
+ONLY = r"peer_overlap_mean|channel_moments gap|channel_moments_fold_|patch_moments|map_ranks|pooled_means|mode=gap"
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def test_ratio_is_reference_over_ours(result):
     assert any(n.startswith("channel_moments_fold_") for n in names)
     assert any(n.startswith("patch_moments") for n in names)
     assert any(n.startswith("map_ranks") for n in names)
+    assert any(n.startswith("pooled_means") for n in names)
     for r in timed:
         assert r["ref_ms"] > 0 and r["ours_ms"] > 0
         assert math.isclose(r["ratio"], r["ref_ms"] / r["ours_ms"], rel_tol=1e-9), r

@@ -289,18 +289,6 @@ def test_readouts_changed_in_place_are_seen_and_copied_from_then_on(monkeypatch)
         np.testing.assert_allclose(cal.stats[layer].comoment.numpy(), M, rtol=1e-10, atol=1e-10)
 
 
-def test_pooled_mean_in_blocks_is_the_whole_mean(monkeypatch):
-    from chanaxis_fast import calibration
-
-    x = torch.randn(7, 3, 10) * 100 + 1e4
-    whole = x.double().mean(2, keepdim=True)
-    monkeypatch.setattr(calibration, "_POOL_BLOCK", 50)  # blocks of one image
-    assert torch.equal(calibration._pooled_mean(x), whole)
-    monkeypatch.setattr(calibration, "_POOL_BLOCK", 70)  # two images, and a last block of one
-    assert torch.equal(calibration._pooled_mean(x), whole)
-    assert torch.equal(calibration._pooled_mean(x.double()), whole)
-
-
 # ---------------------------------------------------------------------- persistence, resume
 def test_graph_state_dict_roundtrip():
     net = SmallNet()
