@@ -87,8 +87,9 @@ __attribute__((always_inline)) inline void column_sums(const double* __restrict 
   }
 }
 
-// mb = the mean of the nb patches in buf [nb, S] (row-major, S = padded(K), padding 0), Mb = their
-// centred co-moment [K, S] (buf is centred in place; Mb's padding columns come out 0).
+// On entry mb holds the column sums of the nb patches in buf [nb, S] (row-major, S = padded(K),
+// padding 0; column_sums); on exit their mean, and Mb their centred co-moment [K, S] (buf is
+// centred in place; Mb's padding columns come out 0).
 // The sums run over the rows innermost, in registers: three rows of Mb (3 x S doubles) per sweep
 // over the patches. (Rows outermost, each row's rank-one update went through memory, a
 // store-to-load chain per element of Mb: about 3x slower.)
@@ -97,7 +98,6 @@ __attribute__((always_inline)) inline void plane_moments(double* __restrict buf,
                                                          int64_t k2, double* __restrict mb,
                                                          double* __restrict Mb) {
   const int64_t K = K2 > 0 ? K2 : k2, S = padded<K2>(k2);
-  column_sums<K2>(buf, nb, k2, mb);
   const double inv = 1.0 / static_cast<double>(nb);
   for (int64_t k = 0; k < S; ++k) mb[k] *= inv;
   for (int64_t i = 0; i < nb; ++i)
@@ -183,6 +183,7 @@ CHANAXIS_PATCH_CLONES void channel_block(const scalar_t* x, const Geometry& g, i
           if (nb != i) std::copy(v, v + S, buf.data() + nb * S);
           ++nb;
         }
+        if (!bad[c0 + j]) column_sums<K2>(buf.data(), nb, K, mb.data());  // of the rows kept
       }
       if (bad[c0 + j] || nb == 0) continue;
       plane_moments<K2>(buf.data(), nb, K, mb.data(), Mb.data());
