@@ -374,17 +374,17 @@ def map_ranks(x: Tensor, *, rtol: Optional[float] = None) -> Tensor:
     return _ops.map_ranks(x, float(rtol))
 
 
-_POOL_BLOCK = 1 << 19  # float64 values per block of pooled_means off the CPU (4 MiB: no fresh pages)
+_POOL_BLOCK = 1 << 19  # float64 values per block of pooled_means without a kernel (4 MiB: no fresh pages)
 
 
 def pooled_means(x: Tensor) -> Tensor:
     """float64 mean of every row of ``x`` [N, C, S] (mode "gap": each read-out's global average).
 
-    On the CPU a kernel reads each row once, widening to float64 as it sums (one pass at memory
-    speed, about 4x ``x.double().mean(2)`` on activations); elsewhere (no CUDA kernel: a GPU is
-    far from memory bound here) ``x.double().mean(2)`` a few images at a time, so that no float64
-    copy of the whole map is made. The same values to rounding (the kernel's sum runs in vector
-    lanes); the mean of an empty row is NaN, as torch's.
+    The kernels (CPU, CUDA) read each row once, widening to float64 as they sum: one pass at
+    memory speed, about 4x ``x.double().mean(2)`` on activations on the CPU. Other devices run
+    ``x.double().mean(2)`` a few images at a time, so that no float64 copy of the whole map is
+    made. The same values to rounding (the kernels sum in vector lanes or threads); the mean of an
+    empty row is NaN, as torch's.
 
     Args:
         x: Tensor[N, C, S], float16, bfloat16, float32 or float64, any strides.
@@ -392,7 +392,7 @@ def pooled_means(x: Tensor) -> Tensor:
     Returns:
         float64 Tensor[N, C] on x's device.
     """
-    if x.device.type == "cpu":
+    if x.device.type in ("cpu", "cuda"):
         return _ops.pooled_means(x)
     if x.dim() != 3:
         raise ValueError(f"pooled_means: x must be 3-D [N, C, S], got {x.dim()}-D with shape {tuple(x.shape)}")
@@ -400,7 +400,7 @@ def pooled_means(x: Tensor) -> Tensor:
 
 
 def _pooled_means_blocks(x: Tensor) -> Tensor:
-    """pooled_means without the kernel: ``x.double().mean(2)``, a few images at a time."""
+    """pooled_means without a kernel: ``x.double().mean(2)``, a few images at a time."""
     N, C, S = x.shape
     if x.dtype == torch.float64:
         return x.mean(2)

@@ -66,7 +66,7 @@ TORCH_LIBRARY(chanaxis_fast, m) {
   m.def("map_ranks(Tensor x, float rtol) -> Tensor");
 
   // Mode "gap": x [N, C, S] floating (any strides) -> float64 [N, C], the mean of each row,
-  // read once and summed in float64. CPU kernel only (a GPU runs x.double().mean(2)).
+  // read once and summed in float64.
   m.def("pooled_means(Tensor x) -> Tensor");
 }
 

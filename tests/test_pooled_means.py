@@ -58,7 +58,7 @@ def test_opcheck():
 
 
 def test_blockwise_path_is_the_whole_mean(monkeypatch):
-    # what a GPU runs (no CUDA kernel): x.double().mean(2) a few images at a time, the same bits
+    # what devices without a kernel run: x.double().mean(2) a few images at a time, the same bits
     from chanaxis_fast import ops as ops_mod
 
     x = torch.randn(7, 3, 10) * 100 + 1e4
@@ -72,5 +72,13 @@ def test_blockwise_path_is_the_whole_mean(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_cuda_matches_cpu():
-    x = torch.randn(5, 7, 300) + 3
-    assert_close(ops.pooled_means(x.cuda()).cpu(), ops.pooled_means(x), rtol=1e-14, atol=0)
+    g = torch.Generator().manual_seed(4)
+    for x in (torch.randn(5, 7, 300, generator=g) + 3,  # rows shorter and longer than a block
+              torch.randn(3, 4, 1000, generator=g).half(),
+              (torch.randn(2, 6, 5, 9, generator=g) + 1e4).to(memory_format=torch.channels_last).flatten(2),
+              torch.randn(70000, 1, 3, generator=g)):  # more rows than blocks (grid stride)
+        assert_close(ops.pooled_means(x.cuda()).cpu(), ops.pooled_means(x), rtol=1e-14, atol=0)
+    x = torch.ones(2, 3, 8, device="cuda")
+    x[1, 2, 5] = float("nan")
+    assert torch.isnan(ops.pooled_means(x)[1, 2]) and (ops.pooled_means(x)[0] == 1).all()
+    assert torch.isnan(ops.pooled_means(torch.ones(2, 3, 0, device="cuda"))).all()
