@@ -498,7 +498,12 @@ def run(size: str = "quick", *, devices=None, only: Optional[str] = None, groups
     if devices is None:
         devices = ["cpu", "cuda"]
     cases_rows = []
-    pattern = re.compile(only) if only else None
+    try:
+        pattern = re.compile(only) if only else None
+    except re.error as e:
+        from .errors import UserInputError
+
+        raise UserInputError(f"--only {only!r} is not a regular expression ({e})") from None
     builders = [("op", _op_cases), ("calibrate", _e2e_cases), ("calibrate", _scale_cases),
                 ("score", _score_cases)]
     for device in devices:

@@ -102,3 +102,9 @@ def test_run_all_script_is_the_same_command(tmp_path):
     bench.check_result(data)
     assert [r["case"] for r in data["cases"]] == ["peer_overlap_mean C=32"]
     assert "peer_overlap_mean C=32" in p.stdout
+
+
+def test_a_bad_only_pattern_is_one_line_and_exit_2(capsys):
+    assert main(["bench", "--size", "tiny", "--only", "("]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only '('" in err[0] and "regular expression" in err[0]
