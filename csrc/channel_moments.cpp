@@ -233,19 +233,27 @@ void check_running(const MomentsPlan& plan, const at::Tensor& count, const at::T
   CHANAXIS_CHECK_SAME_DEVICE(comoment, plan.x, op, "comoment", "x");
 }
 
-void finish_fold(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& comoment,
-                 const at::Tensor& mean_b, int64_t n_b) {
-  // The weights as float64 tensors on the device: the running count never leaves it.
+FoldTerms fold_terms(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& mean_b,
+                     int64_t n_b) {
   const at::Tensor n_a = count.to(at::kDouble);
   const double nb = static_cast<double>(n_b);
-  const at::Tensor n = n_a + nb;
-  const at::Tensor d = mean_b - mean;
-  const at::Tensor dw = d * ((n_a * nb) / n);
+  FoldTerms t;
+  t.n = n_a + nb;
+  t.d = mean_b - mean;
+  t.w = (n_a * nb) / t.n;
+  return t;
+}
+
+void finish_fold(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& comoment,
+                 const FoldTerms& t, int64_t n_b, bool rank_one_done) {
   const int64_t D = mean.size(0);
-  for_each_upper_panel(D, 8, [&](int64_t i, int64_t b) {
-    comoment.narrow(0, i, b).narrow(1, i, D - i).addr_(dw.narrow(0, i, b), d.narrow(0, i, D - i));
-  });
-  mean.add_(d * (n.new_full({}, nb) / n));
+  if (!rank_one_done) {
+    const at::Tensor dw = t.d * t.w;
+    for_each_upper_panel(D, 8, [&](int64_t i, int64_t b) {
+      comoment.narrow(0, i, b).narrow(1, i, D - i).addr_(dw.narrow(0, i, b), t.d.narrow(0, i, D - i));
+    });
+  }
+  mean.add_(t.d * (t.n.new_full({}, static_cast<double>(n_b)) / t.n));
   count.add_(n_b);
 }
 

@@ -65,11 +65,19 @@ void symmetrize_upper_(const at::Tensor& m);
 void check_running(const MomentsPlan& plan, const at::Tensor& count, const at::Tensor& mean,
                    const at::Tensor& comoment);
 
-// The end of a fold (Chan et al.), on the device, with the batch's co-moment already added to
-// comoment's upper panels: n_a = count, n = n_a + n_b, d = mean_b - mean;
-// comoment += d d^T n_a n_b / n (upper panels); mean += d n_b / n; count = n.
+// The pairwise update's terms of a fold (Chan et al.), float64 on the device (the running count
+// is never read on the host): n_a = count, n = n_a + n_b, d = mean_b - mean, w = n_a n_b / n.
+struct FoldTerms {
+  at::Tensor n, d, w;
+};
+FoldTerms fold_terms(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& mean_b,
+                     int64_t n_b);
+
+// The end of a fold, with the batch's co-moment (and, when rank_one_done, the rank-one term
+// w d d^T) already added to comoment's upper panels: comoment += w d d^T (upper panels) unless
+// rank_one_done; mean += d n_b / n; count = n.
 void finish_fold(const at::Tensor& count, const at::Tensor& mean, const at::Tensor& comoment,
-                 const at::Tensor& mean_b, int64_t n_b);
+                 const FoldTerms& t, int64_t n_b, bool rank_one_done);
 
 // Error out (or, under skip_nonfinite, report that a row mask is needed) for non-finite values;
 // first_bad is the first column whose pass-1 sum is not finite, or -1. Returns true when rows
@@ -158,15 +166,18 @@ bool prepare_batch(Backend& backend, const MomentsPlan& plan, Batch& b) {
 // acc's upper-triangle panels (float64 [D, D]) += the co-moment of the batch's kept rows about
 // their own means, chunk by chunk. overwrite: the panels are set (their old contents are never
 // read, so acc may come from at::empty). Float64: each centred chunk's product goes straight into
-// acc. Float32: centred in float64 and rounded once to float32, each chunk's product is a float32
-// GEMM (MKL / cuBLAS at full float32 precision) into the panels of a float32 scratch, overwritten
-// for every chunk and added to acc in float64.
+// acc; extra (float64 [D], optional) is one more column of the first chunk, so that
+// extra extra^T is added by the same GEMM (the fold's rank-one term: no pass of its own over the
+// D x D panels). Float32 (extra must be undefined): centred in float64 and rounded once to
+// float32, each chunk's product is a float32 GEMM (MKL / cuBLAS at full float32 precision) into
+// the panels of a float32 scratch, overwritten for every chunk and added to acc in float64.
 template <class Backend>
 void accumulate_batch(Backend& backend, const MomentsPlan& plan, const Batch& b, const at::Tensor& acc,
-                      bool overwrite) {
+                      bool overwrite, const at::Tensor& extra = at::Tensor()) {
   const auto f64 = plan.x.options().dtype(at::kDouble);
   const int64_t chunk = std::min(b.rows, rows_per_chunk(plan.D));
   if (plan.float32) {
+    TORCH_INTERNAL_ASSERT(!extra.defined(), "accumulate_batch: no extra column in float32");
     const Float32MatmulGuard no_tf32;
     at::Tensor zt = at::empty({plan.D, chunk}, f64.dtype(at::kFloat));
     at::Tensor part = at::empty({plan.D, plan.D}, f64.dtype(at::kFloat));
@@ -179,12 +190,15 @@ void accumulate_batch(Backend& backend, const MomentsPlan& plan, const Batch& b,
     }
     return;
   }
-  at::Tensor zt = at::empty({plan.D, chunk}, f64);
+  const int64_t more = extra.defined() ? 1 : 0;
+  at::Tensor zt = at::empty({plan.D, chunk + more}, f64);
   for (int64_t r0 = 0; r0 < b.rows; r0 += chunk) {
     const int64_t k = std::min(chunk, b.rows - r0);
-    at::Tensor z = zt.narrow(1, 0, k);
-    backend.centre(b.x, b.layout, plan.target, b.mask, b.mean, r0, z);
-    accumulate_upper_panels(z, acc, overwrite && r0 == 0 ? 0.0 : 1.0);
+    backend.centre(b.x, b.layout, plan.target, b.mask, b.mean, r0, zt.narrow(1, 0, k));
+    const int64_t extra_here = r0 == 0 ? more : 0;
+    if (extra_here) zt.select(1, k).copy_(extra);
+    accumulate_upper_panels(zt.narrow(1, 0, k + extra_here), acc,
+                            overwrite && r0 == 0 ? 0.0 : 1.0);
   }
 }
 
@@ -209,10 +223,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_channel_moments(const Moments
 // channel_moments_fold_: the batch folded into running statistics (count int64 [], mean float64
 // [D], comoment float64 [D, D], on x's device) in place, with the pairwise update of Chan et al.
 // The batch's co-moment about its own means goes straight into comoment's upper panels, then
-// the rank-one term, the means and the count (finish_fold): no D x D temporary per batch and no
-// pass over the lower triangle, which is neither read nor kept up to date (the caller mirrors
-// the upper triangle when it reads the matrix: symmetrize_upper_). Every check (arguments,
-// NaN/Inf, positions) runs before the running statistics are touched.
+// the rank-one term w d d^T (float64: as one more column sqrt(w) d of the batch's first chunk, in
+// the same GEMM; float32: a float64 pass of its own), the means and the count (finish_fold): no
+// D x D temporary per batch and no pass over the lower triangle, which is neither read nor kept
+// up to date (the caller mirrors the upper triangle when it reads the matrix:
+// symmetrize_upper_). Every check (arguments, NaN/Inf, positions) runs before the running
+// statistics are touched.
 template <class Backend>
 void run_channel_moments_fold(const MomentsPlan& plan, const at::Tensor& count, const at::Tensor& mean,
                               const at::Tensor& comoment) {
@@ -220,8 +236,13 @@ void run_channel_moments_fold(const MomentsPlan& plan, const at::Tensor& count, 
   Backend backend;
   Batch b;
   if (!prepare_batch(backend, plan, b) || b.count == 0) return;
-  accumulate_batch(backend, plan, b, comoment, /*overwrite=*/false);
-  finish_fold(count, mean, comoment, b.mean, b.count);
+  const FoldTerms t = fold_terms(count, mean, b.mean, b.count);
+  if (plan.float32) {
+    accumulate_batch(backend, plan, b, comoment, /*overwrite=*/false);
+  } else {
+    accumulate_batch(backend, plan, b, comoment, /*overwrite=*/false, t.d.mul(t.w.sqrt()));
+  }
+  finish_fold(count, mean, comoment, t, b.count, /*rank_one_done=*/!plan.float32);
 }
 
 }  // namespace chanaxis
