@@ -28,6 +28,7 @@ from .errors import UserInputError
 from .extras import EXTRAS, channels_first, parse_extras, ranks, sfvr
 from .extras.ranks import chip_drops  # noqa: F401  (re-exported: chanaxis_fast.calibration.chip_drops)
 from .extras.taylor import taylor_grads
+from .finite import all_finite
 from .graph import ModelGraph, trace_model
 from .patch_stats import PatchStats
 from . import ops
@@ -713,13 +714,6 @@ def calibrate(
     return cal
 
 
-def _finite(x: Tensor) -> bool:
-    """Whether every value of x is finite: one sum (float32 or wider; an overflowing sum of finite
-    values falls back to the exact test)."""
-    s = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return bool(torch.isfinite(s)) or bool(torch.isfinite(x).all())
-
-
 def _check_skipped(skip_images, batches, images):
     if skip_images != images:
         raise ValueError(f"calibrate: the checkpoint's {batches} batches held {images} images, the "
@@ -818,9 +812,9 @@ def _run_batch(model, cal, hooks: _Pass, gen, images, labels, target_fn, weights
                            f"(the forward pass took another path than the traced one)")
     skip = cal.config["skip_nonfinite"]
     if not skip:  # a NaN/Inf raises here, before anything is folded
-        t_ok = _finite(t)
+        t_ok = all_finite(t)
         for l in cal.layers:
-            if not t_ok or not _finite(hooks.rows[l]):
+            if not t_ok or not all_finite(hooks.rows[l]):
                 ops.channel_moments(hooks.rows[l], t, mode="all")  # raises, naming what is wrong
     for c in cal.patches:
         if c not in hooks.patch or c not in hooks.out:

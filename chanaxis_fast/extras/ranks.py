@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..finite import finite_rows
 
 
 def chip_drops(A: Tensor) -> Tensor:
@@ -46,11 +47,7 @@ def rank_sums(layer: str, x: Tensor, channel_dim: int, extras: Sequence[str], sk
     """``(hrank, chip, k)``: per channel, the sums over the ``k`` (finite) images of ``x`` of the
     feature-map ranks (None unless "hrank" in extras) and of the CHIP drops (None unless "chip")."""
     maps = feature_maps(x, channel_dim)
-    # one sum per image (NaN/Inf make it non-finite); the exact test only where one is not finite
-    ok = torch.isfinite(maps.flatten(1).sum(1, dtype=torch.float64 if maps.dtype == torch.float64
-                                            else torch.float32))
-    if not bool(ok.all()):
-        ok = torch.isfinite(maps).flatten(1).all(1)
+    ok = finite_rows(maps)
     if not bool(ok.all()):
         if not skip_nonfinite:
             raise ValueError(f"calibrate: NaN/Inf in the read-out of layer {layer!r} (pass "
