@@ -26,6 +26,7 @@ saved calibration; about 10-15 minutes on 2 cores).
 Also ``python benchmarks/run_all.py`` (the same arguments).
 """
 
+import copy
 import math
 import os
 import platform
@@ -367,6 +368,16 @@ def _e2e_cases(size: str, device: str) -> List[Case]:
                                    device=dev),
             ref=forward_backward, repeat=3 if size == "full" else 2, warmup=0, paired=True,
             cost_note=True, cost_of="forward + backward"))
+    if size == "full" and device == "cpu":
+        # the same Taylor calibration of a channels_last copy of the model (oneDNN's backward is
+        # cheaper in that layout), against the same plain forward of the model as it is
+        model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        out.append(Case(
+            "calibrate", f"resnet18-cifar {images} img b{batch}: mode=sample, extras=['taylor'], "
+            "model in channels_last", device, "plain inference_mode forward (contiguous model)",
+            ours=lambda: calibrate(model_cl, loader, mode="sample", extras=["taylor"],
+                                   progress=False, device=dev),
+            ref=forward, repeat=3, warmup=0, paired=True, cost_note=True, fixed=fixed))
     return out
 
 
