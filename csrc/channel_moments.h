@@ -191,7 +191,8 @@ void accumulate_batch(Backend& backend, const MomentsPlan& plan, const Batch& b,
     return;
   }
   const int64_t more = extra.defined() ? 1 : 0;
-  at::Tensor zt = at::empty({plan.D, chunk + more}, f64);
+  // rows of the scratch 64-byte aligned with the extra column too (ld a multiple of 8 doubles)
+  at::Tensor zt = at::empty({plan.D, (chunk + more + 7) / 8 * 8}, f64);
   for (int64_t r0 = 0; r0 < b.rows; r0 += chunk) {
     const int64_t k = std::min(chunk, b.rows - r0);
     backend.centre(b.x, b.layout, plan.target, b.mask, b.mean, r0, zt.narrow(1, 0, k));
