@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "../channel_moments.h"
+#include "wide_clones.h"
 
 namespace chanaxis {
 namespace {
@@ -34,23 +35,49 @@ Path choose_path(const RowLayout& L, bool masked) {
   return Path::generic;
 }
 
-// Sum of a contiguous run with four independent accumulators (no loop-carried dependency on one
-// float64 add chain); the order of additions is fixed, so results are reproducible.
+#if defined(_OPENMP)
+#define CHANAXIS_SIMD(...) _Pragma(CHANAXIS_STR(omp simd __VA_ARGS__))
+#define CHANAXIS_STR(x) #x
+#else
+#define CHANAXIS_SIMD(...)
+#endif
+
+// Channel c's sum, minimum and maximum over its N planes of P contiguous values (the planes
+// path), widened to float64 and reduced in vector lanes (AVX2 / AVX-512 clones). The order of
+// additions is fixed for a given CPU (its vector width). Minimum and maximum are read only when
+// the sum is finite (every value finite), where their order does not matter.
 template <typename scalar_t>
-ChannelSum sum_run(const scalar_t* p, int64_t n) {
-  ChannelSum a = ChannelSum::empty(), b = a, c = a, d = a;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    a.add(static_cast<double>(p[i]));
-    b.add(static_cast<double>(p[i + 1]));
-    c.add(static_cast<double>(p[i + 2]));
-    d.add(static_cast<double>(p[i + 3]));
+CHANAXIS_WIDE_CLONES ChannelSum sum_planes(const scalar_t* x, int64_t N, int64_t sN, int64_t P) {
+  ChannelSum out = ChannelSum::empty();
+  for (int64_t n = 0; n < N; ++n) {
+    const scalar_t* p = x + n * sN;
+    double s = 0.0, lo = out.lo, hi = out.hi;
+    CHANAXIS_SIMD(reduction(+ : s) reduction(min : lo) reduction(max : hi))
+    for (int64_t i = 0; i < P; ++i) {
+      const double v = static_cast<double>(p[i]);
+      s += v;
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    out.sum += s;
+    out.lo = lo;
+    out.hi = hi;
   }
-  for (; i < n; ++i) a.add(static_cast<double>(p[i]));
-  a.combine(b);
-  c.combine(d);
-  a.combine(c);
-  return a;
+  return out;
+}
+
+// zc[r] = x's value of row r minus mu, rows [row0, row1) of one channel's planes (P values each).
+template <typename scalar_t, typename out_t>
+CHANAXIS_WIDE_CLONES void centre_planes(const scalar_t* x, int64_t sN, int64_t P, double mu,
+                                        int64_t row0, int64_t row1, out_t* zc) {
+  for (int64_t n = row0 / P; n * P < row1; ++n) {
+    const scalar_t* src = x + n * sN;
+    const int64_t r0 = std::max(row0, n * P), r1 = std::min(row1, (n + 1) * P);
+    out_t* dst = zc + n * P;  // dst[i] is row n * P + i, i = r - n * P
+    CHANAXIS_SIMD()
+    for (int64_t i = r0 - n * P; i < r1 - n * P; ++i)
+      dst[i] = static_cast<out_t>(static_cast<double>(src[i]) - mu);
+  }
 }
 
 // Calls f(c0, c1, r0, r1, off, img) for every tile of rows [r0, r1) and block of channels [c0, c1)
@@ -79,11 +106,7 @@ void channel_sums(const scalar_t* x, const RowLayout& L, const uint8_t* keep,
   switch (choose_path(L, keep != nullptr)) {
     case Path::planes:
       at::parallel_for(0, L.C, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          ChannelSum s = ChannelSum::empty();
-          for (int64_t n = 0; n < L.N; ++n) s.combine(sum_run(x + n * L.sN + c * L.sC, L_img));
-          out[c] = s;
-        }
+        for (int64_t c = c0; c < c1; ++c) out[c] = sum_planes(x + c * L.sC, L.N, L.sN, L_img);
       });
       return;
     case Path::rows: {
@@ -128,15 +151,8 @@ void centre_channels(const scalar_t* x, const RowLayout& L, const uint8_t* keep,
     case Path::planes: {
       const int64_t P = L.rows_per_image;
       at::parallel_for(0, L.C, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          out_t* zc = z + c * ld - row0;
-          for (int64_t n = row0 / P; n * P < row1; ++n) {
-            const scalar_t* src = x + n * L.sN + c * L.sC;
-            const int64_t r0 = std::max(row0, n * P), r1 = std::min(row1, (n + 1) * P);
-            for (int64_t r = r0; r < r1; ++r)
-              zc[r] = static_cast<out_t>(static_cast<double>(src[r - n * P]) - mu[c]);
-          }
-        }
+        for (int64_t c = c0; c < c1; ++c)
+          centre_planes(x + c * L.sC, L.sN, P, mu[c], row0, row1, z + c * ld - row0);
       });
       return;
     }
