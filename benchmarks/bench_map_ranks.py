@@ -12,7 +12,6 @@ value lies within rounding of the tolerance). CUDA rows (CUDA events) when a GPU
 Run: python benchmarks/bench_map_ranks.py [--threads N] [--repeat R]
 """
 
-import argparse
 import os
 import sys
 
@@ -21,19 +20,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import chanaxis_fast  # noqa: E402,F401
 from chanaxis_fast import ops, reference  # noqa: E402
-from common import ms, print_table, timeit  # noqa: E402
+from common import ms, op_bench_setup, print_table, timeit  # noqa: E402
 
 SHAPES = [(16, 64, 56), (16, 64, 32), (16, 128, 16), (16, 256, 8), (16, 512, 4)]  # N, C, H = W
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    args, devices = op_bench_setup(__doc__, repeat=5)
     rows = []
     for device in devices:
         for N, C, H in SHAPES:

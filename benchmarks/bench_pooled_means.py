@@ -10,7 +10,6 @@ GB/s counts the float32 values read by ours. CUDA rows (CUDA events) when a GPU 
 Run: python benchmarks/bench_pooled_means.py [--threads N] [--repeat R]
 """
 
-import argparse
 import os
 import sys
 
@@ -19,20 +18,14 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import chanaxis_fast  # noqa: E402,F401
 from chanaxis_fast import ops, reference  # noqa: E402
-from common import ms, print_table, timeit  # noqa: E402
+from common import ms, op_bench_setup, print_table, timeit  # noqa: E402
 
 SHAPES = [(128, 64, 32 * 32), (128, 256, 8 * 8), (128, 512, 4 * 4), (16, 96, 112 * 112),
           (16, 576, 14 * 14)]  # N, C, H * W
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=7)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    args, devices = op_bench_setup(__doc__, repeat=7)
     rows = []
     for device in devices:
         for N, C, S in SHAPES:
