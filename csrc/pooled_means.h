@@ -21,6 +21,11 @@ struct PooledRows {
 
 // `launch(x_data, rows, out)` (templated on the element type) writes out[r] = the float64 mean of
 // row r for r in [0, rows), on x's device.
+// The op's kernels (csrc/cpu, csrc/cuda), also mode "gap" of channel_moments: x [N, C, S] ->
+// float64 [N, C].
+at::Tensor pooled_means_cpu(const at::Tensor& x);
+at::Tensor pooled_means_cuda(const at::Tensor& x);
+
 template <class Launch>
 at::Tensor pooled_means_run(const at::Tensor& x, const Launch& launch) {
   constexpr const char* op = "pooled_means";

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "../channel_moments.h"
+#include "../pooled_means.h"
 #include "wide_clones.h"
 
 namespace chanaxis {
@@ -191,26 +192,8 @@ struct CpuBackend {
     return plan.x;
   }
 
-  static at::Tensor pool(const MomentsPlan& plan) {
-    const at::Tensor& x = plan.x;
-    const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-    at::Tensor out = at::empty({N, C}, x.options().dtype(at::kDouble));
-    double* o = out.data_ptr<double>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_moments_cpu", [&] {
-      const scalar_t* p = x.const_data_ptr<scalar_t>();
-      const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
-      at::parallel_for(0, N * C, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const scalar_t* q = p + (i / C) * sN + (i % C) * sC;
-          double s = 0.0;
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t w = 0; w < W; ++w) s += static_cast<double>(q[h * sH + w * sW]);
-          o[i] = s / static_cast<double>(H * W);
-        }
-      });
-    });
-    return out;
-  }
+  // mode "gap": the float64 mean of every map, by pooled_means' kernel
+  static at::Tensor pool(const MomentsPlan& plan) { return pooled_means_cpu(plan.x.flatten(2)); }
 
   static Pass1 pass1(const at::Tensor& x, const RowLayout& L, const at::Tensor& t,
                      const at::Tensor& mask, int64_t count) {

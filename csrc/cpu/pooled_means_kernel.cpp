@@ -49,9 +49,9 @@ struct CpuLaunch {
   }
 };
 
-at::Tensor pooled_means_cpu(const at::Tensor& x) { return pooled_means_run(x, CpuLaunch()); }
-
 }  // namespace
+
+at::Tensor pooled_means_cpu(const at::Tensor& x) { return pooled_means_run(x, CpuLaunch()); }
 
 TORCH_LIBRARY_IMPL(chanaxis_fast, CPU, m) { m.impl("pooled_means", &pooled_means_cpu); }
 

@@ -28,6 +28,7 @@
 #include <algorithm>
 
 #include "../channel_moments.h"
+#include "../pooled_means.h"
 
 namespace chanaxis {
 namespace {
@@ -39,20 +40,6 @@ constexpr int64_t kRowsPerSlice = 8192;
 constexpr int64_t kMaxSlices = 128;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = int64_t{1} << 30;
-
-template <typename scalar_t>
-__global__ void pool_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, int64_t H,
-                            int64_t W, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
-                            double* __restrict__ out) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp >= N * C) return;  // whole warps exit together: warp is uniform across a warp
-  const scalar_t* q = x + (warp / C) * sN + (warp % C) * sC;
-  double s = 0.0;
-  for (int64_t p = lane; p < H * W; p += 32) s += static_cast<double>(q[(p / W) * sH + (p % W) * sW]);
-  for (int d = 16; d > 0; d /= 2) s += __shfl_down_sync(0xffffffffu, s, d);
-  if (lane == 0) out[warp] = s / static_cast<double>(H * W);
-}
 
 // out[r, c] = x at row r's position, for the rows of mode "positions" ([N * P, C], c fastest: the
 // writes are coalesced, and so are the reads of a channels-last x). A position outside
@@ -223,18 +210,8 @@ struct CudaBackend {
     return g.permute({0, 2, 1}).unsqueeze(3);
   }
 
-  static at::Tensor pool(const MomentsPlan& plan) {
-    const at::Tensor& x = plan.x;
-    const int64_t N = x.size(0), C = x.size(1);
-    at::Tensor out = at::empty({N, C}, x.options().dtype(at::kDouble));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_moments_cuda", [&] {
-      pool_kernel<scalar_t><<<blocks_for(N * C * 32), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          x.const_data_ptr<scalar_t>(), N, C, x.size(2), x.size(3), x.stride(0), x.stride(1),
-          x.stride(2), x.stride(3), out.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    return out;
-  }
+  // mode "gap": the float64 mean of every map, by pooled_means' kernel
+  static at::Tensor pool(const MomentsPlan& plan) { return pooled_means_cuda(plan.x.flatten(2)); }
 
   // rows > 0 here (run_channel_moments returns before any launch for an empty batch).
   Pass1 pass1(const at::Tensor& x, const RowLayout& L, const at::Tensor& t, const at::Tensor& mask,

@@ -47,12 +47,12 @@ struct CudaLaunch {
   }
 };
 
+}  // namespace
+
 at::Tensor pooled_means_cuda(const at::Tensor& x) {
   c10::cuda::CUDAGuard guard(x.device());
   return pooled_means_run(x, CudaLaunch());
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(chanaxis_fast, CUDA, m) { m.impl("pooled_means", &pooled_means_cuda); }
 
